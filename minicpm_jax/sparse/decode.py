@@ -1,0 +1,62 @@
+"""InfLLM v2 decode: one new query per row against a KV cache, rows of different lengths.
+
+The query of row b sits at position lengths[b] - 1 (its own key is already in the cache). Block scoring reads the
+compressed-key cache (kernels kept incrementally by `update_compressed_cache`), so a step reads ~S/16 kernel keys
+plus the ~96 selected blocks instead of the whole cache. Keys at positions >= lengths[b] are masked by causality,
+so whatever the cache holds there is ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from minicpm_jax.sparse.compress import CompressedKeyCache
+from minicpm_jax.sparse.config import SparseConfig
+from minicpm_jax.sparse.reference import infllm_v2_reference
+from minicpm_jax.sparse.select import BlockLists, select_block_lists, validate_shapes
+from minicpm_jax.sparse.xla import sparse_attention_xla
+
+
+def decode_block_lists(q_score: jax.Array, k_cache: jax.Array, lengths: jax.Array, ccache: CompressedKeyCache,
+                       cfg: SparseConfig) -> BlockLists:
+    """Block lists [B,Hkv,1,k_max] for the decode queries, scored against the compressed cache."""
+    t0 = jnp.asarray(lengths, jnp.int32) - 1
+    return select_block_lists(q_score, k_cache, cfg, q_offset=t0, chunk=1, kc=ccache.kc, kc2=ccache.kc2,
+                              kernel_count=ccache.count, kernel_count2=ccache.count2)
+
+
+def infllm_v2_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                     ccache: Optional[CompressedKeyCache], cfg: SparseConfig, impl: str = "xla", *,
+                     q_score: Optional[jax.Array] = None, k_score_cache: Optional[jax.Array] = None,
+                     interpret=None, pallas_backend: Optional[str] = None, num_splits: Optional[int] = None,
+                     mesh=None, batch_axes=None, head_axes=None) -> jax.Array:
+    """Sparse attention of one decode token per row.
+
+    q: [B,1,Hq,D] (post-RoPE), k_cache/v_cache: [B,S,Hkv,D], lengths: [B] valid keys including the new one,
+    ccache: compressed cache of the scoring keys (post-RoPE keys, or the pre-RoPE ones when cfg.use_nope; ignored
+    by impl="reference", which recomputes kernels from k_score_cache, default k_cache).
+    q_score: scoring query (pre-RoPE when cfg.use_nope), default q. Returns [B,1,Hq,D] in q.dtype.
+    """
+    validate_shapes(q, k_cache, v_cache)
+    if q.shape[1] != 1:
+        raise ValueError(f"infllm_v2_decode takes one query per row, got q {q.shape}; use infllm_v2_attention")
+    lengths = jnp.asarray(lengths, jnp.int32)
+    qs = q if q_score is None else q_score
+    t = (lengths - 1)[:, None]
+    if impl == "reference":
+        ks = k_cache if k_score_cache is None else k_score_cache
+        return infllm_v2_reference(q, k_cache, v_cache, cfg, q_score=qs, k_score=ks, q_offset=t[:, 0])
+    if ccache is None:
+        raise ValueError("impl='xla'/'pallas' decode needs the compressed key cache (see compressed_cache_from_keys)")
+    lists = decode_block_lists(qs, k_cache, lengths, ccache, cfg)
+    if impl == "xla":
+        return sparse_attention_xla(q, k_cache, v_cache, lists, t, cfg, chunk=1)
+    if impl == "pallas":
+        from minicpm_jax.sparse.pallas import sparse_decode_pallas
+
+        return sparse_decode_pallas(q, k_cache, v_cache, lists, t, cfg, interpret=interpret, backend=pallas_backend,
+                                    num_splits=num_splits, mesh=mesh, batch_axes=batch_axes, head_axes=head_axes)
+    raise ValueError(f"impl must be 'reference', 'xla' or 'pallas', got {impl!r}")

@@ -1,0 +1,90 @@
+"""The one entry point the model calls: `infllm_v2_attention(..., impl=...)` and `select_blocks`.
+
+impl:
+  "reference": exact O(T^2) masked attention (reference.py), the ground truth;
+  "xla":       chunked selection + chunked gather attention (select.py, xla.py), memory bounded, any backend;
+  "pallas":    chunked selection + Pallas block-sparse kernels (pallas.py -> pallas_kernels/), GPU (Triton) and TPU
+               (Mosaic); on CPU they run in interpret mode (slow: tests only).
+All three compute the same function and are differentiable w.r.t. q, k, v (selection under stop_gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+from minicpm_jax.sparse.config import SparseConfig
+from minicpm_jax.sparse.reference import infllm_v2_reference, select_blocks_reference
+from minicpm_jax.sparse.select import query_positions, select_block_lists, select_blocks_xla, validate_shapes
+from minicpm_jax.sparse.xla import sparse_attention_xla
+
+IMPLS = ("reference", "xla", "pallas")
+
+
+def check_segment_ids(segment_ids) -> None:
+    """Packed rows are rejected: sparse attention needs one document per row.
+
+    Block and kernel boundaries, the init block and the window are all defined from position 0 of a sequence; in a
+    packed row they would straddle documents, and the MiniCPM4 kernels never define that case (their varlen API
+    restarts the block grid per sequence). Concrete all-equal segment ids per row are accepted (one document).
+    """
+    if segment_ids is None:
+        return
+    if isinstance(segment_ids, jax.core.Tracer):
+        raise ValueError(
+            "InfLLM v2 sparse attention needs one document per row: pass segment_ids=None (packed sequences are "
+            "not supported on the sparse path; train long-context sparse batches unpacked, or use dense attention)")
+    import numpy as np
+
+    seg = np.asarray(segment_ids)
+    if seg.ndim != 2 or not (seg == seg[:, :1]).all():
+        raise ValueError(
+            "InfLLM v2 sparse attention needs one document per row, but segment_ids mark several documents in a "
+            "row; unpack the batch (one sequence per row) or use dense attention")
+
+
+def select_blocks(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, q_offset=None, impl: str = "xla",
+                  chunk: int = 256) -> jax.Array:
+    """Block selection as a mask: q [B,Tq,Hq,D], k [B,Tk,Hkv,D] (scoring tensors) -> bool [B,Hkv,Tq,ceil(Tk/bs)].
+
+    Queries are the last Tq of the Tk positions unless q_offset (int or [B]) gives the first query's position.
+    impl="xla" (default) is chunked and memory bounded; impl="reference" is the O(Tq*Tk) transcription of §2.7.
+    """
+    validate_shapes(q, k)
+    if impl == "reference":
+        return select_blocks_reference(q, k, cfg, q_offset=q_offset)
+    return select_blocks_xla(q, k, cfg, q_offset=q_offset, chunk=chunk)
+
+
+def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseConfig, impl: str = "reference", *,
+                        segment_ids=None, q_score: Optional[jax.Array] = None, k_score: Optional[jax.Array] = None,
+                        q_offset=None, chunk: Optional[int] = None, select_chunk: int = 256, interpret=None,
+                        pallas_backend: Optional[str] = None, mesh=None, batch_axes=None, head_axes=None) -> jax.Array:
+    """InfLLM v2 sparse attention (always sparse; the caller applies `cfg.use_sparse(kv_len)`).
+
+    q: [B,Tq,Hq,D] post-RoPE; k, v: [B,Tk,Hkv,D]; queries are the last Tq positions (or start at q_offset).
+    Softmax scale 1/sqrt(D); output [B,Tq,Hq,D] in q.dtype, fp32 accumulation. Any group size Hq/Hkv.
+    q_score/k_score: tensors used for block scoring (pre-RoPE when cfg.use_nope); default q/k.
+    segment_ids: must be None (or one document per row), see `check_segment_ids`.
+    chunk: queries per step of the XLA path (memory ~ chunk * topk * block_size * D per KV head).
+    Pallas only: interpret (default: True off GPU/TPU), pallas_backend ("triton" | "mosaic_tpu"), and
+    mesh/batch_axes/head_axes to run the kernels under jax.shard_map for sharded inputs.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    validate_shapes(q, k, v)
+    check_segment_ids(segment_ids)
+    qs = q if q_score is None else q_score
+    ks = k if k_score is None else k_score
+    if impl == "reference":
+        return infllm_v2_reference(q, k, v, cfg, q_score=qs, k_score=ks, q_offset=q_offset)
+    b, tq = q.shape[:2]
+    t = query_positions(b, tq, k.shape[1], q_offset)
+    lists = select_block_lists(qs, ks, cfg, q_offset=q_offset, chunk=select_chunk)
+    if impl == "xla":
+        return sparse_attention_xla(q, k, v, lists, t, cfg, chunk=chunk or 32)
+    from minicpm_jax.sparse.pallas import sparse_attention_pallas
+
+    return sparse_attention_pallas(q, k, v, lists, t, cfg, interpret=interpret, backend=pallas_backend, mesh=mesh,
+                                   batch_axes=batch_axes, head_axes=head_axes)

@@ -1,0 +1,127 @@
+"""InfLLM v2 reference: exact, simple, O(T^2) memory. The ground truth every other implementation is tested against.
+
+A direct transcription of spec §2.7 (MiniCPM4 June-2025 window semantics), batched with `vmap` over rows, with
+absolute query positions so the same code serves prefill (queries = last Tq keys) and decode (one query per row at
+position length-1, keys beyond the row's length masked by causality). It shares no code with the chunked path
+(`select.py`, `xla.py`) on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from minicpm_jax.sparse.config import SparseConfig
+
+
+def _kernel_means(k, ks, st):
+    n = max((k.shape[0] - ks) // st + 1, 0)
+    if n == 0:
+        return jnp.zeros((0,) + k.shape[1:], jnp.float32)
+    return jnp.stack([k[j * st: j * st + ks].astype(jnp.float32).mean(0) for j in range(n)])
+
+
+def _select_one(q, k, t, cfg: SparseConfig):
+    """q [Tq, Hq, D], k [Tk, Hkv, D], t [Tq] absolute positions -> bool [Hkv, Tq, NB]."""
+    tq, hq, d = q.shape
+    tk, hkv = k.shape[0], k.shape[1]
+    g = hq // hkv
+    ks, kst, bs = cfg.kernel_size, cfg.kernel_stride, cfg.block_size
+    qg = q.astype(jnp.float32).reshape(tq, hkv, g, d)
+    kc1 = _kernel_means(k, ks, kst)
+    n1 = kc1.shape[0]
+    nb = -(-tk // bs)
+    if n1 == 0:
+        s = jnp.zeros((hkv, tq, 0), jnp.float32)
+    else:
+        vis1 = (jnp.arange(n1)[None, :] * kst + ks - 1) <= t[:, None]
+        l1 = jnp.einsum("tgnd,jgd->gntj", qg, kc1, precision="highest") / math.sqrt(d)
+        l1 = jnp.where(vis1[None, None], l1, -jnp.inf)
+        lse = jax.nn.logsumexp(l1, axis=-1, keepdims=True)
+        if cfg.lse_approx:
+            kc2 = _kernel_means(k, 4 * ks, 4 * kst)
+            n2 = kc2.shape[0]
+            if n2 > 0:
+                vis2 = (jnp.arange(n2)[None, :] * 4 * kst + 4 * ks - 1) <= t[:, None]
+                l2 = jnp.einsum("tgnd,jgd->gntj", qg, kc2, precision="highest") / math.sqrt(d)
+                lse2 = jax.nn.logsumexp(jnp.where(vis2[None, None], l2, -jnp.inf), axis=-1, keepdims=True)
+                lse = jnp.where(jnp.isfinite(lse2), lse2, lse)  # no coarse kernel visible yet: exact normaliser
+        p1 = jnp.where(vis1[None, None], jnp.exp(l1 - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+        s = p1.sum(axis=1)  # [Hkv, Tq, n1]: sum over the heads of the group
+    # stage 2: block b = max over kernels j whose span [j*kst, j*kst+ks) meets [b*bs, (b+1)*bs); 0 if none
+    cols = []
+    for b in range(nb):
+        lo = max((b * bs - ks) // kst + 1, 0)
+        hi = min(((b + 1) * bs - 1) // kst, n1 - 1)
+        if hi >= lo:
+            cols.append(jnp.max(s[..., lo: hi + 1], axis=-1, initial=0.0))
+        else:
+            cols.append(jnp.zeros(s.shape[:-1], jnp.float32))
+    blk = jnp.stack(cols, -1)  # [Hkv, Tq, NB]
+    qb = t // bs
+    bidx = jnp.arange(nb)
+    in_win = (bidx[None] > qb[:, None] - cfg.window_blocks) & (bidx[None] <= qb[:, None])  # [Tq, NB]
+    blk = jnp.where(in_win[None], -jnp.inf, blk)
+    blk = jnp.where(bidx < cfg.init_blocks, jnp.inf, blk)
+    blk = jnp.where(bidx[None, None] > qb[None, :, None], -jnp.inf, blk)
+    vals, idx = jax.lax.top_k(blk, min(cfg.topk, nb))
+    picked = jnp.zeros((hkv, tq, nb), bool).at[
+        jnp.arange(hkv)[:, None, None], jnp.arange(tq)[None, :, None], idx].set(vals > -jnp.inf)
+    return picked | in_win[None]
+
+
+def _attend_one(q, k, v, t, sel, bs):
+    """Softmax attention restricted to selected blocks + token causality. sel [Hkv, Tq, NB]."""
+    tq, hq, d = q.shape
+    tk, hkv = k.shape[0], k.shape[1]
+    g = hq // hkv
+    qg = q.astype(jnp.float32).reshape(tq, hkv, g, d)
+    kpos = jnp.arange(tk)
+    allowed = sel[:, :, kpos // bs] & (kpos[None, None] <= t[None, :, None])  # [Hkv, Tq, Tk]
+    logits = jnp.einsum("tgnd,sgd->gnts", qg, k.astype(jnp.float32), precision="highest") / math.sqrt(d)
+    logits = jnp.where(allowed[:, None], logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("gnts,sgd->tgnd", p, v.astype(jnp.float32), precision="highest")
+    return out.reshape(tq, hq, d)
+
+
+def _positions(b, tq, tk, q_offset):
+    if q_offset is None:
+        q_offset = tk - tq
+    off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32).reshape(-1), (b,))
+    return off[:, None] + jnp.arange(tq, dtype=jnp.int32)[None]
+
+
+def select_blocks_reference(q, k, cfg: SparseConfig, *, q_offset=None) -> jax.Array:
+    """q [B,Tq,Hq,D], k [B,Tk,Hkv,D] (scoring tensors) -> bool [B, Hkv, Tq, ceil(Tk/block_size)]."""
+    t = _positions(q.shape[0], q.shape[1], k.shape[1], q_offset)
+    sel = jax.vmap(lambda qq, kk, tt: _select_one(qq, kk, tt, cfg))(q, k, t)
+    return jax.lax.stop_gradient(sel)
+
+
+def attention_with_mask_reference(q, k, v, sel, block_size: int, *, q_offset=None) -> jax.Array:
+    """Attention of q over the blocks marked in sel [B,Hkv,Tq,NB] (plus token causality); fp32 math, q.dtype out."""
+    t = _positions(q.shape[0], q.shape[1], k.shape[1], q_offset)
+    out = jax.vmap(lambda qq, kk, vv, tt, ss: _attend_one(qq, kk, vv, tt, ss, block_size))(q, k, v, t, sel)
+    return out.astype(q.dtype)
+
+
+def infllm_v2_reference(q, k, v, cfg: SparseConfig, *, q_score=None, k_score=None, q_offset=None) -> jax.Array:
+    """Exact InfLLM v2 attention. q [B,Tq,Hq,D] post-RoPE, k/v [B,Tk,Hkv,D] -> [B,Tq,Hq,D] in q.dtype.
+
+    Selection uses q_score/k_score (pre-RoPE tensors when cfg.use_nope; default q/k) under stop_gradient.
+    """
+    qs = q if q_score is None else q_score
+    ks = k if k_score is None else k_score
+    sel = select_blocks_reference(qs, ks, cfg, q_offset=q_offset)
+    return attention_with_mask_reference(q, k, v, sel, cfg.block_size, q_offset=q_offset)
+
+
+def dense_causal_reference(q, k, v, *, q_offset=None) -> jax.Array:
+    """Plain causal GQA attention (what sparse must equal when every block is attended)."""
+    tk = k.shape[1]
+    nb = 1
+    sel = jnp.ones((q.shape[0], k.shape[2], q.shape[1], nb), bool)
+    return attention_with_mask_reference(q, k, v, sel, tk, q_offset=q_offset)

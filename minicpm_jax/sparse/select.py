@@ -1,0 +1,231 @@
+"""Stages 1-3 of InfLLM v2, memory-bounded: kernel scores -> block scores -> per-(group, token) block lists.
+
+The selection is computed for chunks of queries at a time, so the per-head score tensor is [B, Hq, chunk, kernels]
+instead of [B, Hq, T, kernels]. Everything here runs under `stop_gradient`: selection is not differentiable.
+
+Semantics (MiniCPM4, June 2025; spec §2.2-2.3), for a query at absolute position t, qb = t // block_size,
+n = window_size // block_size:
+  * kernel j is visible iff j*stride + kernel_size - 1 <= t;
+  * per head, softmax of q.kc_j / sqrt(D) over visible kernels (or exp(. - LSE of the coarse kernels) with
+    lse_approx), summed over the heads of the KV group;
+  * block b scores the max over the visible kernels whose span meets the block (0 if none);
+  * init blocks b < init_blocks (b <= qb) enter top-k with +inf (so they count toward `topk`), the window
+    qb-n+1 .. qb and future blocks with -inf; the top `topk` blocks with a finite-or-+inf score are kept;
+  * attended set = top-k picks ∪ window.
+
+Block lists (what the XLA path and the kernels consume):
+  idx   [B, Hkv, Tq, k_max] int32, k_max = min(topk, n_blocks) + n: the top-k picks first (descending score,
+        valid ones first), then the window blocks qb, qb-1, ... >= init_blocks; entries past `count` repeat qb.
+  count [B, Hkv, Tq] int32: valid entries (>= 1: qb is always attended).
+  n_top [B, Hkv, Tq] int32: how many of the valid entries are top-k picks (the rest is the window).
+Every listed block is distinct and <= qb; only block qb needs the token-level causal mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from minicpm_jax.sparse.compress import coarse_sizes, compress_keys, num_kernels
+from minicpm_jax.sparse.config import SparseConfig
+
+
+class BlockLists(NamedTuple):
+    idx: jax.Array    # [B, Hkv, Tq, k_max] int32
+    count: jax.Array  # [B, Hkv, Tq] int32
+    n_top: jax.Array  # [B, Hkv, Tq] int32
+
+
+def num_blocks(length: int, cfg: SparseConfig) -> int:
+    return -(-length // cfg.block_size)
+
+
+def k_max(n_blocks: int, cfg: SparseConfig) -> int:
+    """Static length of a block list: top-k picks plus the window."""
+    return min(cfg.topk, n_blocks) + cfg.window_blocks
+
+
+def pool_to_blocks(s: jax.Array, n_blocks: int, cfg: SparseConfig) -> jax.Array:
+    """Max-pool kernel scores onto blocks: block b takes kernels j with span meeting [b*bs, (b+1)*bs).
+
+    s: [..., n_kernels] (>= 0, invisible kernels already 0) -> [..., n_blocks]. With r = kernel/stride and
+    rb = block/stride these are j in [b*rb - r + 1, (b+1)*rb - 1], i.e. a max-pool with window rb + r - 1,
+    stride rb and left padding r - 1 (5/4/1 for MiniCPM4). Padding with 0 gives "0 if none".
+    """
+    r = cfg.kernel_size // cfg.kernel_stride
+    rb = cfg.block_size // cfg.kernel_stride
+    nk = s.shape[-1]
+    total = n_blocks * rb + r - 1
+    pad = [(0, 0)] * (s.ndim - 1) + [(r - 1, max(total - nk - (r - 1), 0))]
+    sp = jnp.pad(s, pad)[..., :total]
+    window = (1,) * (s.ndim - 1) + (rb + r - 1,)
+    strides = (1,) * (s.ndim - 1) + (rb,)
+    return jax.lax.reduce_window(sp, -jnp.inf, jax.lax.max, window, strides, "VALID")
+
+
+def kernel_scores(q: jax.Array, kc: jax.Array, t: jax.Array, cfg: SparseConfig, *, kc2: Optional[jax.Array] = None,
+                  kernel_count: Optional[jax.Array] = None, kernel_count2: Optional[jax.Array] = None) -> jax.Array:
+    """Group-summed kernel probabilities.
+
+    q: [B, C, Hq, D] (scoring queries), kc: [B, NK, Hkv, D] kernel means, t: [B, C] absolute query positions,
+    kc2: coarse kernels for lse_approx; kernel_count(2): [B] optional cap on stored kernels (decode caches).
+    Returns S [B, Hkv, C, NK] float32, 0 where a kernel is invisible.
+    """
+    b, c, hq, d = q.shape
+    hkv = kc.shape[2]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d)
+    qg = q.reshape(b, c, hkv, g, d).astype(jnp.float32)
+
+    def logits_and_vis(kcx, ks, st, cnt):
+        nk = kcx.shape[1]
+        j = jnp.arange(nk)
+        vis = (j[None, None, :] * st + ks - 1) <= t[:, :, None]  # [B, C, NK]
+        if cnt is not None:
+            vis = vis & (j[None, None, :] < cnt[:, None, None])
+        lg = jnp.einsum("bcgnd,bjgd->bgncj", qg, kcx.astype(jnp.float32), precision="highest") * scale
+        return jnp.where(vis[:, None, None], lg, -jnp.inf), vis
+
+    l1, vis1 = logits_and_vis(kc, cfg.kernel_size, cfg.kernel_stride, kernel_count)
+    lse = jax.nn.logsumexp(l1, axis=-1, keepdims=True)  # -inf for a row with no visible kernel
+    if cfg.lse_approx and kc2 is not None and kc2.shape[1] > 0:
+        ks2, st2 = coarse_sizes(cfg)
+        l2, vis2 = logits_and_vis(kc2, ks2, st2, kernel_count2)
+        lse2 = jax.nn.logsumexp(l2, axis=-1, keepdims=True)
+        # No coarse kernel visible yet (t < 4*kernel_size - 1): fall back to the exact normaliser.
+        lse = jnp.where(jnp.isfinite(lse2), lse2, lse)
+    p = jnp.where(vis1[:, None, None], jnp.exp(l1 - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+    return p.sum(axis=2)  # sum over the query heads of each KV group
+
+
+def lists_from_block_scores(blk: jax.Array, t: jax.Array, cfg: SparseConfig) -> BlockLists:
+    """Top-k with forced init (+inf) / window and future (-inf) blocks, then append the window.
+
+    blk: [B, Hkv, C, NB] block scores, t: [B, C] positions -> BlockLists for these C queries.
+    """
+    nb = blk.shape[-1]
+    n = cfg.window_blocks
+    qb = (t // cfg.block_size)[:, None, :, None]  # [B, 1, C, 1]
+    bidx = jnp.arange(nb)
+    in_win = (bidx > qb - n) & (bidx <= qb)
+    s = jnp.where(in_win, -jnp.inf, blk)
+    s = jnp.where(bidx < cfg.init_blocks, jnp.inf, s)  # init wins over the window mask
+    s = jnp.where(bidx > qb, -jnp.inf, s)              # never a future block
+    kt = min(cfg.topk, nb)
+    vals, picks = jax.lax.top_k(s, kt)                  # descending: valid (> -inf) picks come first
+    cp = jnp.sum(vals > -jnp.inf, axis=-1).astype(jnp.int32)
+    win = qb - jnp.arange(n)                            # qb, qb-1, ...: valid ones (>= init_blocks, >= 0) first
+    wvalid = (win >= cfg.init_blocks) & (win >= 0)
+    cw = jnp.sum(wvalid, axis=-1).astype(jnp.int32)
+    win = jnp.broadcast_to(win, blk.shape[:-1] + (n,))
+    slot = jnp.arange(kt + n)
+    pk = jnp.concatenate([picks, jnp.zeros(picks.shape[:-1] + (n,), picks.dtype)], -1)           # [.., kt+n]
+    wi = jnp.clip(slot - cp[..., None], 0, n - 1)
+    wk = jnp.take_along_axis(win, wi, axis=-1)
+    cpx = cp[..., None]
+    count = cp + cw
+    idx = jnp.where(slot < cpx, pk, jnp.where(slot < count[..., None], wk, qb))
+    return BlockLists(idx.astype(jnp.int32), count, cp)
+
+
+def _scores_for_chunk(qc, tc, kc, kc2, cfg, nb, kernel_count=None, kernel_count2=None):
+    s = kernel_scores(qc, kc, tc, cfg, kc2=kc2, kernel_count=kernel_count, kernel_count2=kernel_count2)
+    return pool_to_blocks(s, nb, cfg)
+
+
+def compressed_keys(k: jax.Array, cfg: SparseConfig):
+    """(kc, kc2) for full-sequence keys k [B, Tk, Hkv, D]; kc2 is None unless lse_approx."""
+    kc = compress_keys(k, cfg.kernel_size, cfg.kernel_stride)
+    kc2 = None
+    if cfg.lse_approx:
+        kc2 = compress_keys(k, *coarse_sizes(cfg))
+    return kc, kc2
+
+
+def query_positions(b: int, tq: int, tk: int, q_offset) -> jax.Array:
+    """[B, Tq] int32 absolute positions; q_offset None (= Tk - Tq), an int, or [B]."""
+    if q_offset is None:
+        q_offset = tk - tq
+    off = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32).reshape(-1, 1), (b, 1))
+    return off + jnp.arange(tq, dtype=jnp.int32)[None, :]
+
+
+def _chunked(fn, q, t, chunk):
+    """Apply fn(q_chunk [B,C,H,D], t_chunk [B,C]) over query chunks with lax.map; outputs have Tq at axis 2."""
+    b, tq = t.shape
+    c = min(chunk, tq)
+    nc = -(-tq // c)
+    pad = nc * c - tq
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        t = jnp.pad(t, ((0, 0), (0, pad)), mode="edge")  # padded queries duplicate the last one; dropped below
+    qs = q.reshape(b, nc, c, *q.shape[2:]).swapaxes(0, 1)
+    ts = t.reshape(b, nc, c).swapaxes(0, 1)
+    outs = jax.lax.map(lambda a: fn(a[0], a[1]), (qs, ts))
+
+    def unchunk(o):  # [nc, B, Hkv, C, ...] -> [B, Hkv, Tq, ...]
+        o = jnp.moveaxis(o, 0, 2)
+        o = o.reshape(o.shape[0], o.shape[1], nc * c, *o.shape[4:])
+        return o[:, :, :tq]
+
+    return jax.tree.map(unchunk, outs)
+
+
+def select_block_lists(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, q_offset=None, chunk: int = 256,
+                       kc=None, kc2=None, kernel_count=None, kernel_count2=None,
+                       n_blocks: Optional[int] = None) -> BlockLists:
+    """Block lists for queries q [B, Tq, Hq, D] against keys k [B, Tk, Hkv, D] (the scoring tensors).
+
+    Pass kc/kc2 (+ kernel_count) to score against an existing compressed cache (decode); k then only sets Tk.
+    """
+    b, tq = q.shape[:2]
+    tk = k.shape[1]
+    nb = num_blocks(tk, cfg) if n_blocks is None else n_blocks
+    if kc is None:
+        kc, kc2 = compressed_keys(k, cfg)
+    t = query_positions(b, tq, tk, q_offset)
+    q = jax.lax.stop_gradient(q)
+    kc = jax.lax.stop_gradient(kc)
+
+    def fn(qc, tc):
+        blk = _scores_for_chunk(qc, tc, kc, kc2, cfg, nb, kernel_count, kernel_count2)
+        return lists_from_block_scores(blk, tc, cfg)
+
+    out = _chunked(fn, q, t, chunk)
+    return BlockLists(*out)
+
+
+def lists_to_mask(lists: BlockLists, n_blocks: int) -> jax.Array:
+    """BlockLists -> bool [B, Hkv, Tq, n_blocks]."""
+    slot_ok = jnp.arange(lists.idx.shape[-1]) < lists.count[..., None]
+    hit = (lists.idx[..., None] == jnp.arange(n_blocks)) & slot_ok[..., None]
+    return hit.any(axis=-2)
+
+
+def select_blocks_xla(q, k, cfg: SparseConfig, *, q_offset=None, chunk: int = 256) -> jax.Array:
+    """Chunked, memory-bounded `select_blocks`: bool [B, Hkv, Tq, n_blocks]."""
+    nb = num_blocks(k.shape[1], cfg)
+    lists = select_block_lists(q, k, cfg, q_offset=q_offset, chunk=chunk)
+    return lists_to_mask(lists, nb)
+
+
+def validate_shapes(q, k, v=None):
+    """Raise ValueError for shapes the sparse path cannot take."""
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"expected q [B,Tq,Hq,D] and k [B,Tk,Hkv,D], got {q.shape} and {k.shape}")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {v.shape} must match k {k.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"batch/head_dim mismatch: q {q.shape}, k {k.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"more queries ({q.shape[1]}) than keys ({k.shape[1]}): queries are the last Tq keys")
+
+
+__all__ = ["BlockLists", "num_blocks", "k_max", "pool_to_blocks", "kernel_scores", "lists_from_block_scores",
+           "select_block_lists", "lists_to_mask", "select_blocks_xla", "compressed_keys", "query_positions",
+           "num_kernels", "validate_shapes"]
