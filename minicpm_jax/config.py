@@ -245,7 +245,11 @@ class ModelConfig:
         for k in ("rope_theta", "scale_emb", "dim_model_base", "scale_depth", "initializer_range", "rms_norm_eps"):
             if isinstance(vals[k], int) and not isinstance(vals[k], bool):
                 vals[k] = float(vals[k])
-        extra = {k: v for k, v in d.items() if k not in _HF_DEFAULTS}
+        if d.get("model_type", "minicpm") != "minicpm":
+            raise ValueError(f"ModelConfig.model_type: {d['model_type']!r} is not a MiniCPM (model_type 'minicpm') "
+                             "config; MiniCPM3 ('minicpm3') is a different, MLA architecture")
+        derived = {"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "head_dim": head_dim}
+        extra = {k: v for k, v in d.items() if k not in _HF_DEFAULTS and derived.get(k, object()) != v}
         return cls(**vals, extra=extra, **runtime)
 
     def to_hf_dict(self) -> dict:

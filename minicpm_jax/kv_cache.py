@@ -1,0 +1,58 @@
+"""The decode-time KV cache: an explicit pytree that the model takes and returns (no hidden state)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from minicpm_jax.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer, stacked on a leading layer axis.
+
+    k, v:    [L, B, S, Hkv, D] post-RoPE keys and values; slot s of row b holds position s of that row.
+    lengths: int32 [B], tokens already written per row (= the next write slot).
+    sparse:  InfLLM v2 compressed-key cache stacked over layers (`minicpm_jax.sparse.CompressedKeyCache` with a
+             leading L axis), or None when the model never runs sparse at this capacity.
+    """
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    lengths: jnp.ndarray
+    sparse: Optional[Any] = None
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+def needs_sparse_cache(cfg: ModelConfig, capacity: int, attention: str) -> bool:
+    """Whether decoding at this capacity can reach the sparse path (so the compressed keys must be kept)."""
+    if attention == "dense" or cfg.sparse_config is None:
+        return False
+    return attention == "sparse" or cfg.sparse_config.use_sparse(capacity)
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, attention: str = "auto", dtype=None) -> KVCache:
+    """An empty cache for `batch` rows of up to `capacity` tokens, in the compute dtype unless `dtype` is given."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
+    sparse = None
+    if needs_sparse_cache(cfg, capacity, attention):
+        from minicpm_jax import sparse as sp
+        one = sp.init_compressed_cache(batch, capacity, cfg.num_key_value_heads, cfg.head_dim, cfg.sparse_config,
+                                       dtype)
+        sparse = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_hidden_layers,) + x.shape), one)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32),
+                   sparse=sparse)
+
+
+def write_rows(buf: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
+    """Write new [B, T, ...] into buf [B, S, ...] at per-row slot offsets start [B]."""
+    return jax.vmap(lambda b, x, s: jax.lax.dynamic_update_slice_in_dim(b, x, s, axis=0))(buf, new.astype(buf.dtype),
+                                                                                         start)

@@ -1,0 +1,116 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Parameters and activations are annotated with a handful of logical names (`batch`, `seq`, `embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`); `LOGICAL_RULES` maps them onto the mesh axes `data`, `fsdp`,
+`tensor`. A mesh axis that does not divide a dimension is dropped for that dimension (e.g. 2 KV heads on a tensor
+axis of 4 stay replicated) rather than failing deep inside XLA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis / axes (None = replicated). Data parallelism spans data and fsdp for activations;
+# weights are sharded over fsdp on their embed dim and over tensor on heads / mlp / vocab (Megatron layout).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. `shape` maps axis -> size; one size may be -1 for "the rest".
+
+    Uses Auto axis types (GSPMD-style propagation with sharding constraints); jax.make_mesh now defaults to Explicit.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if shape is None:
+        shape = {"data": 1, "fsdp": -1, "tensor": 1}
+    if not isinstance(shape, dict):
+        shape = dict(zip(MESH_AXES, shape))
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(f"mesh: {n} devices are not divisible by the fixed axes {dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh: shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
+    dev = np.asarray(devices).reshape(sizes)
+    return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, mesh_axes in rules:
+        if logical == name:
+            if mesh_axes is None:
+                return ()
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    raise KeyError(f"logical axis {name!r} has no rule in the sharding table")
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                    rules=LOGICAL_RULES) -> P:
+    """PartitionSpec for a tensor with the given logical axis names.
+
+    With `shape` and `mesh`, mesh axes that do not divide the dimension (or were already used by an earlier
+    dimension) are dropped, so the spec is always valid.
+    """
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        axes = [a for a in _mesh_axes_for(name, rules) if a not in used]
+        if shape is not None and mesh is not None:
+            kept, size = [], shape[i]
+            for a in axes:
+                if size % mesh.shape[a] == 0:
+                    kept.append(a)
+                    size //= mesh.shape[a]
+            axes = kept
+        if mesh is not None:
+            axes = [a for a in axes if mesh.shape[a] > 1]
+        used.update(axes)
+        spec.append(None if not axes else (axes[0] if len(axes) == 1 else tuple(axes)))
+    return P(*spec)
+
+
+def logical_shardings(abstract_tree, logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedShardings for a pytree of arrays / ShapeDtypeStructs given a matching pytree of logical-axis tuples."""
+    def one(x, axes):
+        return NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules))
+    return jax.tree.map(one, abstract_tree, logical_tree, is_leaf=lambda a: isinstance(a, tuple) or a is None)
+
+
+def with_logical_constraint(x, logical_axes: Sequence[str | None]):
+    """Activation sharding constraint by logical names; a no-op outside a mesh / rules context."""
+    return nn.with_logical_constraint(x, tuple(logical_axes))
+
+
+def axis_rules():
+    """Context manager that installs LOGICAL_RULES for Flax's logical partitioning helpers."""
+    return nn.logical_axis_rules(LOGICAL_RULES)
