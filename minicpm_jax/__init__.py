@@ -1,0 +1,22 @@
+"""minicpm-jax: MiniCPM4 in JAX/Flax.
+
+    import minicpm_jax as mc
+    cfg = mc.ModelConfig.tiny()
+    params = mc.init_params(cfg, jax.random.key(0))
+    logits = mc.forward(params, cfg, input_ids)
+    out = mc.generate(params, cfg, [[1, 42, 7]], max_new_tokens=16)
+"""
+
+from minicpm_jax import sparse
+from minicpm_jax.config import ModelConfig, RopeScaling
+from minicpm_jax.convert.hf import load_hf, save_hf
+from minicpm_jax.decode import GenerateResult, decode_step, generate, prefill
+from minicpm_jax.kv_cache import KVCache, init_cache
+from minicpm_jax.model import MiniCPM, abstract_params, compute_logits, forward, init_params, param_logical_axes
+from minicpm_jax.sparse.config import SparseConfig
+
+__all__ = [
+    "ModelConfig", "RopeScaling", "SparseConfig", "MiniCPM", "init_params", "abstract_params", "param_logical_axes",
+    "forward", "compute_logits", "generate", "GenerateResult", "prefill", "decode_step", "KVCache", "init_cache",
+    "load_hf", "save_hf", "sparse",
+]
