@@ -17,6 +17,7 @@ from minicpm_jax.sparse.config import SparseConfig
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attn_out")
 SPARSE_IMPLS = ("reference", "xla", "pallas")
+WEIGHT_QUANTS = ("none", "ternary")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,8 @@ _HF_DEFAULTS: dict[str, Any] = dict(
     rope_theta=10000.0, rope_scaling=None, attention_bias=False, scale_emb=1.0, dim_model_base=1.0,
     scale_depth=1.0, sparse_config=None,
 )
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "sparse_impl", "attention_chunk_size")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "sparse_impl", "attention_chunk_size",
+                   "weight_quant", "quant_group_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,8 @@ class ModelConfig:
     remat_policy: str = "none"      # activation checkpointing per layer, see REMAT_POLICIES
     sparse_impl: str = "xla"        # InfLLM v2 implementation used by the model's sparse path
     attention_chunk_size: int = 2048  # dense attention is evaluated in query chunks of this size (memory bound)
+    weight_quant: str = "none"      # "ternary": BitCPM-style QAT of attention/MLP matrices (see quant.py)
+    quant_group_size: int = -1      # ternary scale group along the input dim; -1 = one scale per output channel
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -166,6 +170,10 @@ class ModelConfig:
         need(self.remat_policy in REMAT_POLICIES, "remat_policy",
              f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         need(self.sparse_impl in SPARSE_IMPLS, "sparse_impl", f"must be one of {SPARSE_IMPLS}, got {self.sparse_impl!r}")
+        need(self.weight_quant in WEIGHT_QUANTS, "weight_quant",
+             f"must be one of {WEIGHT_QUANTS}, got {self.weight_quant!r}")
+        need(self.quant_group_size == -1 or (isinstance(self.quant_group_size, int) and self.quant_group_size > 0),
+             "quant_group_size", f"must be -1 (per output channel) or a positive int, got {self.quant_group_size!r}")
 
     # ------------------------------------------------------------------ derived quantities
     @property

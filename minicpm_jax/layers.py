@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.quant import ternary_fake_quant
 
 
 def dtype_of(name: str):
@@ -68,6 +69,8 @@ class Projection(nn.Module):
                                                                      self.in_axes + self.out_axes),
                             self.in_shape + self.out_shape, dtype_of(cfg.param_dtype))
         n_in = len(self.in_shape)
+        if cfg.weight_quant == "ternary":            # QAT: forward with ternary weights, STE to the latent ones
+            kernel = ternary_fake_quant(kernel, n_in, cfg.quant_group_size)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         return jax.lax.dot_general(x.astype(dtype_of(cfg.dtype)), kernel.astype(dtype_of(cfg.dtype)),
                                    (contract, ((), ())))
