@@ -8,6 +8,7 @@ so whatever the cache holds there is ignored.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -51,12 +52,22 @@ def infllm_v2_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
         return infllm_v2_reference(q, k_cache, v_cache, cfg, q_score=qs, k_score=ks, q_offset=t[:, 0])
     if ccache is None:
         raise ValueError("impl='xla'/'pallas' decode needs the compressed key cache (see compressed_cache_from_keys)")
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"impl must be 'reference', 'xla' or 'pallas', got {impl!r}")
+    opts = (("interpret", interpret), ("backend", pallas_backend), ("num_splits", num_splits), ("mesh", mesh),
+            ("batch_axes", batch_axes), ("head_axes", head_axes))
+    return _decode_jit(q, qs, k_cache, v_cache, lengths, ccache, cfg, impl, opts)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "opts"))
+def _decode_jit(q, qs, k_cache, v_cache, lengths, ccache, cfg, impl, opts):
+    o = dict(opts)
+    t = (lengths - 1)[:, None]
     lists = decode_block_lists(qs, k_cache, lengths, ccache, cfg)
     if impl == "xla":
         return sparse_attention_xla(q, k_cache, v_cache, lists, t, cfg, chunk=1)
-    if impl == "pallas":
-        from minicpm_jax.sparse.pallas import sparse_decode_pallas
+    from minicpm_jax.sparse.pallas import sparse_decode_pallas
 
-        return sparse_decode_pallas(q, k_cache, v_cache, lists, t, cfg, interpret=interpret, backend=pallas_backend,
-                                    num_splits=num_splits, mesh=mesh, batch_axes=batch_axes, head_axes=head_axes)
-    raise ValueError(f"impl must be 'reference', 'xla' or 'pallas', got {impl!r}")
+    return sparse_decode_pallas(q, k_cache, v_cache, lists, t, cfg, interpret=o["interpret"], backend=o["backend"],
+                                num_splits=o["num_splits"], mesh=o["mesh"], batch_axes=o["batch_axes"],
+                                head_axes=o["head_axes"])

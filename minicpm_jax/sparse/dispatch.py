@@ -10,6 +10,7 @@ All three compute the same function and are differentiable w.r.t. q, k, v (selec
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -54,7 +55,7 @@ def select_blocks(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, q_offset=Non
     validate_shapes(q, k)
     if impl == "reference":
         return select_blocks_reference(q, k, cfg, q_offset=q_offset)
-    return select_blocks_xla(q, k, cfg, q_offset=q_offset, chunk=chunk)
+    return jax.jit(select_blocks_xla, static_argnames=("cfg", "chunk"))(q, k, cfg, q_offset=q_offset, chunk=chunk)
 
 
 def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseConfig, impl: str = "reference", *,
@@ -79,12 +80,20 @@ def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseCon
     ks = k if k_score is None else k_score
     if impl == "reference":
         return infllm_v2_reference(q, k, v, cfg, q_score=qs, k_score=ks, q_offset=q_offset)
+    opts = (("chunk", chunk or 32), ("select_chunk", select_chunk), ("interpret", interpret),
+            ("backend", pallas_backend), ("mesh", mesh), ("batch_axes", batch_axes), ("head_axes", head_axes))
+    return _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "opts"))
+def _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts):
+    o = dict(opts)
     b, tq = q.shape[:2]
     t = query_positions(b, tq, k.shape[1], q_offset)
-    lists = select_block_lists(qs, ks, cfg, q_offset=q_offset, chunk=select_chunk)
+    lists = select_block_lists(qs, ks, cfg, q_offset=q_offset, chunk=o["select_chunk"])
     if impl == "xla":
-        return sparse_attention_xla(q, k, v, lists, t, cfg, chunk=chunk or 32)
+        return sparse_attention_xla(q, k, v, lists, t, cfg, chunk=o["chunk"])
     from minicpm_jax.sparse.pallas import sparse_attention_pallas
 
-    return sparse_attention_pallas(q, k, v, lists, t, cfg, interpret=interpret, backend=pallas_backend, mesh=mesh,
-                                   batch_axes=batch_axes, head_axes=head_axes)
+    return sparse_attention_pallas(q, k, v, lists, t, cfg, interpret=o["interpret"], backend=o["backend"],
+                                   mesh=o["mesh"], batch_axes=o["batch_axes"], head_axes=o["head_axes"])

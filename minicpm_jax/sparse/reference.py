@@ -8,23 +8,29 @@ position length-1, keys beyond the row's length masked by causality). It shares 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from minicpm_jax.sparse.config import SparseConfig
 
 
 def _kernel_means(k, ks, st):
+    """Mean of every complete kernel, as an averaging matrix [n, Tk] (row j is 1/ks on keys j*st .. j*st+ks-1)."""
     n = max((k.shape[0] - ks) // st + 1, 0)
     if n == 0:
         return jnp.zeros((0,) + k.shape[1:], jnp.float32)
-    return jnp.stack([k[j * st: j * st + ks].astype(jnp.float32).mean(0) for j in range(n)])
+    avg = np.zeros((n, k.shape[0]), np.float32)
+    for j in range(n):
+        avg[j, j * st: j * st + ks] = 1.0 / ks
+    return jnp.einsum("js,shd->jhd", avg, k.astype(jnp.float32), precision="highest")
 
 
-def _select_one(q, k, t, cfg: SparseConfig):
-    """q [Tq, Hq, D], k [Tk, Hkv, D], t [Tq] absolute positions -> bool [Hkv, Tq, NB]."""
+def _block_scores_one(q, k, t, cfg: SparseConfig):
+    """Stages 0-2: q [Tq, Hq, D], k [Tk, Hkv, D], t [Tq] absolute positions -> block scores [Hkv, Tq, NB]."""
     tq, hq, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
     g = hq // hkv
@@ -51,16 +57,16 @@ def _select_one(q, k, t, cfg: SparseConfig):
         p1 = jnp.where(vis1[None, None], jnp.exp(l1 - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
         s = p1.sum(axis=1)  # [Hkv, Tq, n1]: sum over the heads of the group
     # stage 2: block b = max over kernels j whose span [j*kst, j*kst+ks) meets [b*bs, (b+1)*bs); 0 if none
-    cols = []
-    for b in range(nb):
-        lo = max((b * bs - ks) // kst + 1, 0)
-        hi = min(((b + 1) * bs - 1) // kst, n1 - 1)
-        if hi >= lo:
-            cols.append(jnp.max(s[..., lo: hi + 1], axis=-1, initial=0.0))
-        else:
-            cols.append(jnp.zeros(s.shape[:-1], jnp.float32))
-    blk = jnp.stack(cols, -1)  # [Hkv, Tq, NB]
-    qb = t // bs
+    meets = np.array([[j * kst < (b + 1) * bs and j * kst + ks > b * bs for j in range(n1)] for b in range(nb)],
+                     bool).reshape(nb, n1)
+    return jnp.max(jnp.where(meets, s[..., None, :], 0.0), axis=-1, initial=0.0)  # [Hkv, Tq, NB]
+
+
+def _select_one(q, k, t, cfg: SparseConfig):
+    """Stage 3: q [Tq, Hq, D], k [Tk, Hkv, D], t [Tq] absolute positions -> bool [Hkv, Tq, NB]."""
+    blk = _block_scores_one(q, k, t, cfg)
+    hkv, tq, nb = blk.shape
+    qb = t // cfg.block_size
     bidx = jnp.arange(nb)
     in_win = (bidx[None] > qb[:, None] - cfg.window_blocks) & (bidx[None] <= qb[:, None])  # [Tq, NB]
     blk = jnp.where(in_win[None], -jnp.inf, blk)
@@ -94,6 +100,14 @@ def _positions(b, tq, tk, q_offset):
     return off[:, None] + jnp.arange(tq, dtype=jnp.int32)[None]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def block_scores_reference(q, k, cfg: SparseConfig, *, q_offset=None) -> jax.Array:
+    """Unforced block scores (max-pooled, group-summed kernel probabilities): [B, Hkv, Tq, NB] float32."""
+    t = _positions(q.shape[0], q.shape[1], k.shape[1], q_offset)
+    return jax.vmap(lambda qq, kk, tt: _block_scores_one(qq, kk, tt, cfg))(q, k, t)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def select_blocks_reference(q, k, cfg: SparseConfig, *, q_offset=None) -> jax.Array:
     """q [B,Tq,Hq,D], k [B,Tk,Hkv,D] (scoring tensors) -> bool [B, Hkv, Tq, ceil(Tk/block_size)]."""
     t = _positions(q.shape[0], q.shape[1], k.shape[1], q_offset)
@@ -101,6 +115,7 @@ def select_blocks_reference(q, k, cfg: SparseConfig, *, q_offset=None) -> jax.Ar
     return jax.lax.stop_gradient(sel)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size",))
 def attention_with_mask_reference(q, k, v, sel, block_size: int, *, q_offset=None) -> jax.Array:
     """Attention of q over the blocks marked in sel [B,Hkv,Tq,NB] (plus token causality); fp32 math, q.dtype out."""
     t = _positions(q.shape[0], q.shape[1], k.shape[1], q_offset)
