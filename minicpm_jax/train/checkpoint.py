@@ -1,0 +1,137 @@
+"""Training checkpoints with orbax: train state + grain iterator state + JSON metadata, saved asynchronously.
+
+Layout: `<run>/checkpoints/<step>/{state,data,meta}` (orbax CheckpointManager). Orbax writes each step into a
+temporary directory and commits it by renaming, so a process killed mid-save leaves the previous steps intact and
+the unfinished one invisible. A committed step that fails to restore (truncated or deleted files) raises
+`CheckpointError` naming the step and directory; `restore_latest` then falls back to the previous step with a warning.
+The run's `config.yaml` and `tokenizer/` sit beside `checkpoints/`, so a run directory is self-describing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Checkpointer:
+    """Wraps `ocp.CheckpointManager` for (state, data iterator, meta)."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.mngr = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 create=True, cleanup_tmp_directories=True),
+            item_names=("state", "data", "meta"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.mngr.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self.mngr.latest_step()
+
+    def save(self, step: int, state, data_iter, meta: dict, *, force: bool = True) -> bool:
+        args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, step: int, abstract_state, data_iter=None):
+        """(state, meta) of `step`; the data iterator (if given) is restored in place."""
+        args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            out = self.mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:   # orbax raises many types for damaged files; name the step either way
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); it is partial or corrupt. Delete "
+                f"{self.directory / str(step)} to resume from an earlier step (available: {self.steps()}).") from e
+        return out.state, out.meta
+
+    def restore_latest(self, abstract_state, data_iter=None):
+        """Restore the newest restorable step: (step, state, meta), or None without checkpoints."""
+        for step in reversed(self.steps()):
+            try:
+                state, meta = self.restore(step, abstract_state, data_iter)
+                return step, state, meta
+            except CheckpointError as e:
+                log.warning("%s Falling back to the previous checkpoint.", e)
+                print(f"WARNING: {e} Falling back to the previous checkpoint.", flush=True)
+        return None
+
+    def restore_meta(self, step: int) -> dict:
+        return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def wait(self):
+        self.mngr.wait_until_finished()
+
+    def close(self):
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+
+def run_paths(run_dir: str | Path) -> dict[str, Path]:
+    run = Path(run_dir)
+    return {"run": run, "config": run / "config.yaml", "checkpoints": run / "checkpoints",
+            "tokenizer": run / "tokenizer"}
+
+
+def load_run_params(run_dir: str | Path, step: Optional[int] = None, mesh=None):
+    """(ExperimentConfig, ModelConfig, params) of a training run's checkpoint (latest unless `step`)."""
+    from minicpm_jax.model import abstract_params, param_logical_axes
+    from minicpm_jax.sharding import logical_shardings, make_mesh
+    from minicpm_jax.train.config import load_config
+    from minicpm_jax.train.optimizer import make_optimizer
+    from minicpm_jax.train.step import abstract_state, state_shardings, with_shardings
+
+    paths = run_paths(run_dir)
+    if not paths["config"].exists():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml; not a minicpm training run directory")
+    exp = load_config(paths["config"])
+    cfg = exp.model_config()
+    ap = abstract_params(cfg)
+    tx, _ = make_optimizer(exp.optim, cfg, ap, exp.train.steps)
+    mesh = mesh or make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    shardings = state_shardings(mesh, ap, param_logical_axes(cfg), tx)
+    target = with_shardings(abstract_state(ap, tx), shardings)
+    ckpt = Checkpointer(paths["checkpoints"], async_save=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise FileNotFoundError(f"{paths['checkpoints']}: no committed checkpoint")
+        if step is None:
+            restored = ckpt.restore_latest(target)
+            if restored is None:
+                raise CheckpointError(f"{paths['checkpoints']}: no checkpoint could be restored (steps {steps})")
+            _, state, _ = restored
+        else:
+            if step not in steps:
+                raise FileNotFoundError(f"{paths['checkpoints']}: no step {step} (have {steps})")
+            state, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    return exp, cfg, state.params
+
+
+def load_for_export(run_dir: str | Path, step: Optional[int] = None):
+    """(ModelConfig, params, Tokenizer | None) from a training run directory: the exporter's entry point."""
+    _, cfg, params = load_run_params(run_dir, step)
+    tok_dir = run_paths(run_dir)["tokenizer"]
+    tokenizer = None
+    if tok_dir.exists():
+        from data_pipeline.tokenizer import Tokenizer
+        tokenizer = Tokenizer.load(tok_dir)
+    return cfg, params, tokenizer

@@ -1,0 +1,109 @@
+"""Throughput accounting (model FLOPs, MFU against a measured peak) and metric sinks (JSONL + TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minicpm_jax.config import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in matmuls per token: every layer matrix and the head (tied or not)."""
+    h, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    return l * (2 * h * h + 2 * h * kv + 3 * h * f) + h * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6 x matmul params (fwd + bwd) plus causal attention, 6 x L x T x hidden
+    (QK^T and AV, 4 T d per token forward for full attention, halved by the causal mask, x3 for fwd + bwd)."""
+    return 6.0 * matmul_params(cfg) + 6.0 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
+
+
+def measure_matmul_peak(dtype=jnp.float32, n: Optional[int] = None, repeats: int = 5) -> float:
+    """FLOP/s of one large XLA matmul in `dtype` on the first local device (the denominator of MFU)."""
+    platform = jax.devices()[0].platform
+    n = n or (8192 if platform in ("gpu", "tpu") else 1024)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(lambda a, b: (a @ b).sum())
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+class MetricsWriter:
+    """Process 0 writes `metrics.jsonl` and TensorBoard event files under `<run>/logs`; other processes no-op."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.dir = Path(run_dir) / "logs"
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def write(self, step: int, split: str, values: dict):
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": split, "time": time.time()}
+        row.update({k: float(v) for k, v in values.items()})
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in values.items():
+            self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "logs" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
+    """PNG of train and eval loss against step (later rows win when a resumed run repeated steps)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    out = Path(out or Path(run_dir) / "loss.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        pts = {r["step"]: r["loss"] for r in rows if r["split"] == split and "loss" in r}
+        if pts:
+            steps = sorted(pts)
+            ax.plot(steps, [pts[s] for s in steps], style, label=split, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def to_python(tree) -> dict:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(tree).items()}
