@@ -164,7 +164,10 @@ def _chunked(fn, q, t, chunk):
         t = jnp.pad(t, ((0, 0), (0, pad)), mode="edge")  # padded queries duplicate the last one; dropped below
     qs = q.reshape(b, nc, c, *q.shape[2:]).swapaxes(0, 1)
     ts = t.reshape(b, nc, c).swapaxes(0, 1)
-    outs = jax.lax.map(lambda a: fn(a[0], a[1]), (qs, ts))
+    if nc == 1:  # decode: no loop (a while op would carry the closed-over kernels)
+        outs = jax.tree.map(lambda a: a[None], fn(qs[0], ts[0]))
+    else:
+        outs = jax.lax.map(lambda a: fn(a[0], a[1]), (qs, ts))
 
     def unchunk(o):  # [nc, B, Hkv, C, ...] -> [B, Hkv, Tq, ...]
         o = jnp.moveaxis(o, 0, 2)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from minicpm_jax.sparse.config import SparseConfig
 from minicpm_jax.sparse.select import BlockLists
 
-_HI = "highest"  # fp32 matmuls on CPU/GPU; the kernels are where low precision belongs
+_HI = None  # default precision: fp32 on CPU; see note in module docstring
 
 
 def window_width(tk: int, chunk: int, cfg: SparseConfig) -> int:
@@ -32,14 +32,45 @@ def window_width(tk: int, chunk: int, cfg: SparseConfig) -> int:
     return min(tk, (cfg.window_blocks - 1 + (chunk - 1) // bs + 2) * bs)
 
 
-def _gather_top(k, idx_top, bs):
-    """k [B,Tk,Hkv,D], idx_top [B,Hkv,C,kt] -> blocks [B,Hkv,C,kt,bs,D], token positions [B,Hkv,C,kt,bs]."""
+def _block_dnums():
+    # operand [B, Tk, Hkv, D]; index vectors (b, start, g) -> one [bs, D] slice per (b, group, query, slot)
+    return jax.lax.GatherDimensionNumbers(offset_dims=(4, 5), collapsed_slice_dims=(0, 2), start_index_map=(0, 1, 2))
+
+
+def _block_starts(k, idx, bs):
+    """Start indices [B,Hkv,C,K,3] of the selected blocks and the key positions [B,Hkv,C,K,bs] they read.
+
+    The start of a partial last block is clamped to Tk - bs (so nothing is padded); the rows this brings in belong
+    to the previous block and are masked by `pos >= idx * bs` wherever the blocks are used.
+    """
     b, tk, hkv, _ = k.shape
-    pos = idx_top[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)
-    tok = jnp.minimum(pos, tk - 1)
-    bi = jnp.arange(b)[:, None, None, None, None]
-    gi = jnp.arange(hkv)[None, :, None, None, None]
-    return k[bi, tok, gi], pos, tok
+    start = jnp.clip(idx * bs, 0, max(tk - bs, 0))
+    shape = idx.shape
+    bi = jnp.broadcast_to(jnp.arange(b)[:, None, None, None], shape)
+    gi = jnp.broadcast_to(jnp.arange(hkv)[None, :, None, None], shape)
+    starts = jnp.stack([bi, start, gi], axis=-1)
+    pos = start[..., None] + jnp.arange(bs, dtype=jnp.int32)
+    return starts, pos
+
+
+def _gather_top(k, idx_top, bs):
+    """k [B,Tk,Hkv,D], idx_top [B,Hkv,C,kt] -> blocks [B,Hkv,C,kt,bs,D], key positions [B,Hkv,C,kt,bs], starts.
+
+    One gather slice per block (not per key): far fewer indices for XLA to walk.
+    """
+    d = k.shape[-1]
+    starts, pos = _block_starts(k, idx_top, bs)
+    blocks = jax.lax.gather(k, starts, _block_dnums(), slice_sizes=(1, bs, 1, d),
+                            mode=jax.lax.GatherScatterMode.CLIP)
+    # Materialise the gathered blocks: left fusible, XLA:CPU re-gathers inside the consuming dot/reductions.
+    return jax.lax.optimization_barrier(blocks), pos, starts
+
+
+def _scatter_add_blocks(acc, starts, upd):
+    """Inverse of _gather_top for gradients: acc [B,Tk,Hkv,D] += upd [B,Hkv,C,kt,bs,D] at the block starts."""
+    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(4, 5), inserted_window_dims=(0, 2),
+                                         scatter_dims_to_operand_dims=(0, 1, 2))
+    return jax.lax.scatter_add(acc, starts, upd, dn, mode=jax.lax.GatherScatterMode.CLIP)
 
 
 def _window(k, t, cfg: SparseConfig, w: int):
@@ -52,55 +83,108 @@ def _window(k, t, cfg: SparseConfig, w: int):
     return band, start[:, None] + jnp.arange(w, dtype=jnp.int32)[None]
 
 
-def _masks(t, pos_top, slot_ok, pos_w, cfg: SparseConfig):
+def _masks(t, pos_top, blk_top, slot_ok, pos_w, cfg: SparseConfig):
     """Visibility of gathered top-k keys [B,Hkv,C,kt,bs] and of band keys [B,C,W] for queries t [B,C]."""
     bs, n = cfg.block_size, cfg.window_blocks
-    m_top = slot_ok[..., None] & (pos_top <= t[:, None, :, None, None])
+    m_top = slot_ok[..., None] & (pos_top >= (blk_top * bs)[..., None]) & (pos_top <= t[:, None, :, None, None])
     qb = (t // bs)[:, :, None]
     kb = (pos_w // bs)[:, None, :]
     m_w = (kb > qb - n) & (kb <= qb) & (kb >= cfg.init_blocks) & (pos_w[:, None, :] <= t[:, :, None])
     return m_top, m_w
 
 
+# Layouts inside a chunk (batch dims lead in every operand, so each einsum is a plain batched matmul on XLA:CPU;
+# a 5-D einsum whose batch dims sit in different places falls back to a slow loop emitter):
+#   qm   [B, Hkv, C, G, D]        queries of the chunk, grouped
+#   kt_  [B, Hkv, C, kt*bs, D]    gathered top-k keys, per token
+#   kw   [B, Hkv, W, D]           window band, shared by the chunk (matmul rows are C*G)
 def _chunk_parts(qc, tc, idx_top, n_top, k, v, cfg, w):
     b, c, hq, d = qc.shape
     hkv = k.shape[2]
     g = hq // hkv
     kt = idx_top.shape[-1]
-    qg = qc.reshape(b, c, hkv, g, d).astype(jnp.float32)
-    k_top, pos_top, tok = _gather_top(k, idx_top, cfg.block_size)
-    v_top = _gather_top(v, idx_top, cfg.block_size)[0]
+    bs = cfg.block_size
+    qm = qc.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
+    k_top, pos_top, tok = _gather_top(k, idx_top, bs)
+    v_top = _gather_top(v, idx_top, bs)[0]
+    k_top = k_top.reshape(b, hkv, c, kt * bs, d).astype(jnp.float32)
+    v_top = v_top.reshape(b, hkv, c, kt * bs, d).astype(jnp.float32)
     k_w, pos_w = _window(k, tc, cfg, w)
     v_w, _ = _window(v, tc, cfg, w)
+    k_w = k_w.transpose(0, 2, 1, 3).astype(jnp.float32)
+    v_w = v_w.transpose(0, 2, 1, 3).astype(jnp.float32)
     slot_ok = jnp.arange(kt) < n_top[..., None]
-    m_top, m_w = _masks(tc, pos_top, slot_ok, pos_w, cfg)
-    return qg, k_top.astype(jnp.float32), v_top.astype(jnp.float32), tok, k_w.astype(jnp.float32), \
-        v_w.astype(jnp.float32), m_top, m_w
+    m_top, m_w = _masks(tc, pos_top, idx_top, slot_ok, pos_w, cfg)
+    m_top = m_top.reshape(b, hkv, c, 1, kt * bs)
+    m_w = m_w[:, None, :, None, :]                                                 # [B,1,C,1,W]
+    return qm, k_top, v_top, tok, k_w, v_w, m_top, m_w
 
 
-def _logits(qg, k_top, k_w, m_top, m_w, scale):
-    s_top = jnp.einsum("bcgnd,bgcksd->bgncks", qg, k_top, precision=_HI) * scale
-    s_w = jnp.einsum("bcgnd,bwgd->bgncw", qg, k_w, precision=_HI) * scale
-    s_top = jnp.where(m_top[:, :, None], s_top, -jnp.inf)
-    s_w = jnp.where(m_w[:, None, None], s_w, -jnp.inf)
-    return s_top, s_w
+def _band(x, kw):
+    """[B,Hkv,C,G,D] x [B,Hkv,W,D] -> [B,Hkv,C,G,W] as one matmul with C*G rows per group."""
+    b, h, c, g, d = x.shape
+    return jnp.einsum("bhmd,bhwd->bhmw", x.reshape(b, h, c * g, d), kw, precision=_HI).reshape(b, h, c, g, -1)
+
+
+def _band_t(p, vw):
+    """[B,Hkv,C,G,W] x [B,Hkv,W,D] -> [B,Hkv,C,G,D]."""
+    b, h, c, g, w = p.shape
+    return jnp.einsum("bhmw,bhwd->bhmd", p.reshape(b, h, c * g, w), vw, precision=_HI).reshape(b, h, c, g, -1)
+
+
+def _logits(qm, k_top, k_w, m_top, m_w, scale):
+    s_top = jnp.einsum("bhcnd,bhcsd->bhcns", qm, k_top, precision=_HI) * scale
+    s_w = _band(qm, k_w) * scale
+    return jnp.where(m_top, s_top, -jnp.inf), jnp.where(m_w, s_w, -jnp.inf)
+
+
+def _to_tokens(x, b, c, hq, d):
+    """[B,Hkv,C,G,D] -> [B,C,Hq,D]."""
+    return x.transpose(0, 2, 1, 3, 4).reshape(b, c, hq, d)
 
 
 def _chunk_fwd(qc, tc, idx_top, n_top, k, v, cfg, w):
-    """One chunk: qc [B,C,Hq,D] -> out [B,C,Hq,D] f32 and lse [B,Hkv,G,C]."""
+    """One chunk: qc [B,C,Hq,D] -> out [B,C,Hq,D] f32 and lse [B,Hkv,C,G]."""
     b, c, hq, d = qc.shape
     scale = 1.0 / math.sqrt(d)
-    qg, k_top, v_top, _, k_w, v_w, m_top, m_w = _chunk_parts(qc, tc, idx_top, n_top, k, v, cfg, w)
-    s_top, s_w = _logits(qg, k_top, k_w, m_top, m_w, scale)
-    m = jnp.maximum(s_top.max(axis=(-2, -1)), s_w.max(axis=-1))  # finite: the query's own key is always visible
-    p_top = jnp.exp(s_top - m[..., None, None])
+    qm, k_top, v_top, _, k_w, v_w, m_top, m_w = _chunk_parts(qc, tc, idx_top, n_top, k, v, cfg, w)
+    s_top, s_w = _logits(qm, k_top, k_w, m_top, m_w, scale)
+    m = jnp.maximum(s_top.max(axis=-1), s_w.max(axis=-1))  # finite: the query's own key is always visible
+    p_top = jnp.exp(s_top - m[..., None])
     p_w = jnp.exp(s_w - m[..., None])
-    l = p_top.sum(axis=(-2, -1)) + p_w.sum(axis=-1)
-    o = jnp.einsum("bgncks,bgcksd->bgncd", p_top, v_top, precision=_HI) + \
-        jnp.einsum("bgncw,bwgd->bgncd", p_w, v_w, precision=_HI)
+    l = p_top.sum(axis=-1) + p_w.sum(axis=-1)
+    o = jnp.einsum("bhcns,bhcsd->bhcnd", p_top, v_top, precision=_HI) + _band_t(p_w, v_w)
     o = o / l[..., None]
-    out = jnp.moveaxis(o, 3, 1).reshape(b, c, hq, d)  # [B,Hkv,G,C,D] -> [B,C,Hkv,G,D]
-    return out, m + jnp.log(l)
+    return _to_tokens(o, b, c, hq, d), m + jnp.log(l)
+
+
+def _chunk_fwd_all_blocks(qc, tc, idx, count, k, v, cfg):
+    """Decode form (C = 1): gather every listed block (top-k and window alike) and do one softmax over them.
+
+    With a single query the window is no longer shared, so one [G, D] x [D, k_max*bs] product per group is
+    simplest. Same keys, same result, same lse as _chunk_fwd.
+    """
+    b, c, hq, d = qc.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    kk = idx.shape[-1]
+    bs = cfg.block_size
+    scale = 1.0 / math.sqrt(d)
+    qm = qc.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
+    kb, pos, _ = _gather_top(k, idx, bs)                                          # [B,Hkv,C,K,bs,D]
+    vb = _gather_top(v, idx, bs)[0]
+    kb = kb.reshape(b, hkv, c, kk * bs, d).astype(jnp.float32)
+    vb = vb.reshape(b, hkv, c, kk * bs, d).astype(jnp.float32)
+    ok = (jnp.arange(kk) < count[..., None])[..., None] & (pos >= (idx * bs)[..., None]) & \
+        (pos <= tc[:, None, :, None, None])
+    ok = ok.reshape(b, hkv, c, 1, kk * bs)
+    s = jnp.einsum("bhcnd,bhcsd->bhcns", qm, kb, precision=_HI) * scale
+    s = jnp.where(ok, s, -jnp.inf)
+    m = s.max(axis=-1)
+    p = jnp.exp(s - m[..., None])
+    l = p.sum(axis=-1)
+    o = jnp.einsum("bhcns,bhcsd->bhcnd", p, vb, precision=_HI) / l[..., None]
+    return _to_tokens(o, b, c, hq, d), m + jnp.log(l)
 
 
 def _chunk_bwd(qc, tc, idx_top, n_top, k, v, oc, doc, lse, cfg, w):
@@ -108,24 +192,27 @@ def _chunk_bwd(qc, tc, idx_top, n_top, k, v, oc, doc, lse, cfg, w):
     b, c, hq, d = qc.shape
     hkv = k.shape[2]
     g = hq // hkv
+    kt = idx_top.shape[-1]
+    bs = cfg.block_size
     scale = 1.0 / math.sqrt(d)
-    qg, k_top, v_top, tok, k_w, v_w, m_top, m_w = _chunk_parts(qc, tc, idx_top, n_top, k, v, cfg, w)
-    s_top, s_w = _logits(qg, k_top, k_w, m_top, m_w, scale)
-    dog = doc.reshape(b, c, hkv, g, d).astype(jnp.float32)
-    delta = jnp.einsum("bcgnd,bcgnd->bgnc", dog, oc.reshape(b, c, hkv, g, d).astype(jnp.float32), precision=_HI)
-    p_top = jnp.exp(s_top - lse[..., None, None])
+    qm, k_top, v_top, tok, k_w, v_w, m_top, m_w = _chunk_parts(qc, tc, idx_top, n_top, k, v, cfg, w)
+    s_top, s_w = _logits(qm, k_top, k_w, m_top, m_w, scale)
+    dom = doc.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
+    om = oc.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
+    delta = jnp.sum(dom * om, axis=-1)                                             # [B,Hkv,C,G]
+    p_top = jnp.exp(s_top - lse[..., None])
     p_w = jnp.exp(s_w - lse[..., None])
-    dp_top = jnp.einsum("bcgnd,bgcksd->bgncks", dog, v_top, precision=_HI)
-    dp_w = jnp.einsum("bcgnd,bwgd->bgncw", dog, v_w, precision=_HI)
-    ds_top = p_top * (dp_top - delta[..., None, None]) * scale
+    dp_top = jnp.einsum("bhcnd,bhcsd->bhcns", dom, v_top, precision=_HI)
+    dp_w = _band(dom, v_w)
+    ds_top = p_top * (dp_top - delta[..., None]) * scale
     ds_w = p_w * (dp_w - delta[..., None]) * scale
-    dq = jnp.einsum("bgncks,bgcksd->bcgnd", ds_top, k_top, precision=_HI) + \
-        jnp.einsum("bgncw,bwgd->bcgnd", ds_w, k_w, precision=_HI)
-    dk_top = jnp.einsum("bgncks,bcgnd->bgcksd", ds_top, qg, precision=_HI)
-    dv_top = jnp.einsum("bgncks,bcgnd->bgcksd", p_top, dog, precision=_HI)
-    dk_w = jnp.einsum("bgncw,bcgnd->bwgd", ds_w, qg, precision=_HI)
-    dv_w = jnp.einsum("bgncw,bcgnd->bwgd", p_w, dog, precision=_HI)
-    return dq.reshape(b, c, hq, d), tok, dk_top, dv_top, dk_w, dv_w
+    dq = jnp.einsum("bhcns,bhcsd->bhcnd", ds_top, k_top, precision=_HI) + _band_t(ds_w, k_w)
+    dk_top = jnp.einsum("bhcns,bhcnd->bhcsd", ds_top, qm, precision=_HI).reshape(b, hkv, c, kt, bs, d)
+    dv_top = jnp.einsum("bhcns,bhcnd->bhcsd", p_top, dom, precision=_HI).reshape(b, hkv, c, kt, bs, d)
+    m2 = lambda x: x.reshape(b, hkv, c * g, -1)
+    dk_w = jnp.einsum("bhmw,bhmd->bwhd", m2(ds_w), m2(qm), precision=_HI)
+    dv_w = jnp.einsum("bhmw,bhmd->bwhd", m2(p_w), m2(dom), precision=_HI)
+    return _to_tokens(dq, b, c, hq, d), tok, dk_top, dv_top, dk_w, dv_w
 
 
 def _split(x, axis, c, nc):
@@ -156,6 +243,9 @@ def _prep(q, t, lists: BlockLists, kt, chunk):
 
 def _fwd_impl(q, k, v, t, lists, cfg, chunk, kt):
     tq = q.shape[1]
+    if tq == 1:  # decode
+        o, lse = _chunk_fwd_all_blocks(q, t, lists.idx, lists.count, k, v, cfg)
+        return o, lse
     c, nc, xs = _prep(q, t, lists, kt, chunk)
     w = window_width(k.shape[1], c, cfg)
 
@@ -163,8 +253,11 @@ def _fwd_impl(q, k, v, t, lists, cfg, chunk, kt):
         qc, tc, it, nt = x
         return None, _chunk_fwd(qc, tc, it, nt, k, v, cfg, w)
 
-    _, (o, lse) = jax.lax.scan(body, None, xs)
-    return _merge(o, 1, tq), _merge(lse, 3, tq)
+    if nc == 1:  # decode / short prefill: no loop, so XLA does not thread the whole K/V through a while op
+        o, lse = jax.tree.map(lambda a: a[None], body(None, jax.tree.map(lambda a: a[0], xs))[1])
+    else:
+        _, (o, lse) = jax.lax.scan(body, None, xs)
+    return _merge(o, 1, tq), _merge(lse, 2, tq)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -185,7 +278,7 @@ def _vjp_bwd(cfg, chunk, kt, res, do):
     # padded (duplicated) queries get do = 0, so they contribute nothing
     do = jnp.pad(do, ((0, 0), (0, nc * c - tq), (0, 0), (0, 0)))
     xs = xs + (_split(o, 1, c, nc), jnp.moveaxis(do.reshape(do.shape[0], nc, c, *do.shape[2:]), 1, 0),
-               _split(lse, 3, c, nc))
+               _split(lse, 2, c, nc))
     w = window_width(k.shape[1], c, cfg)
     b, _, hkv, _ = k.shape
     bi = jnp.arange(b)[:, None, None, None, None]
@@ -195,8 +288,8 @@ def _vjp_bwd(cfg, chunk, kt, res, do):
         dk, dv = carry
         qc, tc, it, nt, oc, doc, lc = x
         dq, tok, dk_top, dv_top, dk_w, dv_w = _chunk_bwd(qc, tc, it, nt, k, v, oc, doc, lc, cfg, w)
-        dk = dk.at[bi, tok, gi].add(dk_top)
-        dv = dv.at[bi, tok, gi].add(dv_top)
+        dk = _scatter_add_blocks(dk, tok, dk_top)   # tok: the block starts of the gather
+        dv = _scatter_add_blocks(dv, tok, dv_top)
         start = jnp.clip((tc[:, 0] // cfg.block_size - cfg.window_blocks + 1) * cfg.block_size, 0, k.shape[1] - w)
 
         def add_band(acc, band, st):
@@ -227,7 +320,7 @@ def sparse_attention_xla(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, ch
 
 
 def sparse_attention_xla_with_lse(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, chunk: int = 32):
-    """Forward only, also returning lse [B,Hkv,G,Tq] (used by tests and by the decode path)."""
+    """Forward only, also returning lse [B,Hkv,Tq,G]."""
     kt = lists.idx.shape[-1] - cfg.window_blocks
     o, lse = _fwd_impl(q, k, v, t, lists, cfg, chunk, kt)
     return o.astype(q.dtype), lse
