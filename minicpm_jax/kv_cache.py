@@ -44,6 +44,9 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, attention: str = "au
     shape = (cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
     sparse = None
     if needs_sparse_cache(cfg, capacity, attention):
+        if cfg.sparse_config.use_nope:
+            raise ValueError("cached decoding with sparse_config.use_nope=true would need a pre-RoPE key cache, "
+                             "which is not implemented; use use_nope=false (MiniCPM4's setting) for decoding")
         from minicpm_jax import sparse as sp
         one = sp.init_compressed_cache(batch, capacity, cfg.num_key_value_heads, cfg.head_dim, cfg.sparse_config,
                                        dtype)

@@ -126,6 +126,8 @@ class Attention(nn.Module):
 
         def sparse():
             return sp.infllm_v2_decode(q, kc, vc, valid_lengths, sc, scfg, impl=cfg.sparse_impl)
+        if self.attention == "dense":              # compressed keys stay in sync for a later switch
+            return dense(), sc
         if self.attention == "sparse" or scfg.always_sparse:
             return sparse(), sc
         return _select_rows(valid_lengths >= scfg.dense_len, dense, sparse), sc
@@ -215,6 +217,16 @@ def head_logits(cfg: ModelConfig, embedding, lm_head, h):
 def _check_attention(attention: str):
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+
+
+def uses_sparse(cfg: ModelConfig, attention: str, kv_len: int) -> bool:
+    """Whether a full-sequence pass over kv_len tokens takes the InfLLM v2 path (static decision)."""
+    _check_attention(attention)
+    if attention == "dense" or cfg.sparse_config is None:
+        if attention == "sparse":
+            raise ValueError("attention='sparse' needs ModelConfig.sparse_config (InfLLM v2 settings); it is None")
+        return False
+    return attention == "sparse" or cfg.sparse_config.use_sparse(kv_len)
 
 
 def default_positions(input_ids: jnp.ndarray) -> jnp.ndarray:

@@ -21,10 +21,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.model import abstract_params, init_params, param_logical_axes
+from minicpm_jax.model import abstract_params, init_params, param_logical_axes, uses_sparse
 from minicpm_jax.sharding import axis_rules, make_mesh
 from minicpm_jax.train.checkpoint import Checkpointer, load_run_params, run_paths
 from minicpm_jax.train.config import ExperimentConfig, json_ready
+from minicpm_jax.train.loss import check_one_document_per_row
 from minicpm_jax.train.metrics import (MetricsWriter, measure_matmul_peak, plot_losses, to_python,
                                        train_flops_per_token)
 from minicpm_jax.train.optimizer import make_optimizer
@@ -184,13 +185,20 @@ def run(exp: ExperimentConfig) -> RunSummary:
     pbar = tqdm(total=exp.train.steps, initial=start, disable=not main, desc=exp.name, unit="step",
                 dynamic_ncols=True)
     tokens_per_step = global_batch * seq_len
+    sparse_train = uses_sparse(cfg, exp.train.attention, seq_len)
+    if sparse_train:
+        say(f"attention: InfLLM v2 sparse ({cfg.sparse_impl}) at {seq_len} tokens (dense_len "
+            f"{cfg.sparse_config.dense_len}); batches must hold one document per row")
     step, t_mark, steps_since = start, None, 0
     try:
         with jax.set_mesh(mesh), axis_rules():
             while step < exp.train.steps:
                 if step in exp.train.profile_steps:
                     jax.profiler.start_trace(str(profile_dir))
-                batch = to_global(next(train_it), bsh, (global_batch, seq_len))
+                local = next(train_it)
+                if sparse_train:
+                    check_one_document_per_row(local["segment_ids"])
+                batch = to_global(local, bsh, (global_batch, seq_len))
                 state, metrics = step_fn(state, batch)
                 step += 1
                 steps_since += 1

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.model import compute_logits, forward
+from minicpm_jax.model import compute_logits, forward, uses_sparse
 
 
 def target_mask(batch) -> jnp.ndarray:
@@ -49,9 +49,25 @@ def loss_sum_and_count(params, cfg: ModelConfig, batch, *, attention: str = "aut
     """(sum of token losses, number of target tokens) for one packed batch.
 
     batch: dict with int32 [B, T] `input_ids`, `segment_ids`, `positions` and optionally `loss_mask`.
+    On the sparse path rows must hold one document each (checked on the host by the trainer, see
+    `check_one_document_per_row`); the model then runs without segment ids (trailing padding is causal-invisible).
     """
-    hidden = forward(params, cfg, batch["input_ids"], batch["positions"], batch["segment_ids"], attention=attention,
-                     return_hidden=True)
+    sparse = uses_sparse(cfg, attention, batch["input_ids"].shape[1])
+    hidden = forward(params, cfg, batch["input_ids"], batch["positions"], None if sparse else batch["segment_ids"],
+                     attention=attention, return_hidden=True)
     mask = target_mask(batch)
     return chunked_cross_entropy(params, cfg, hidden[:, :-1], batch["input_ids"][:, 1:], mask,
                                  min(chunk, hidden.shape[1]))
+
+
+def check_one_document_per_row(segment_ids) -> None:
+    """Host-side check for sparse-attention batches: every row is one document (plus trailing padding)."""
+    import numpy as np
+    seg = np.asarray(segment_ids)
+    first = seg[:, :1]
+    ok = ((seg == first) | (seg == 0)) & (np.maximum.accumulate(seg == 0, axis=1) <= (seg == 0))
+    if not ok.all():
+        rows = np.nonzero(~ok.all(axis=1))[0][:5].tolist()
+        raise ValueError(f"InfLLM v2 sparse attention needs one document per row, but rows {rows} of the batch pack "
+                         "several documents; set data.pack=false for long-context sparse training "
+                         "(each row one document, split at seq_len), or use dense attention")
