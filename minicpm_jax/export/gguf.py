@@ -38,7 +38,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.export import gguf_tokenizer, qtypes
 from minicpm_jax.export.files import atomic_output
-from minicpm_jax.export.weights import ROPE_FACTOR_NAMES, ExportTensor, export_tensors, gguf_array, ternary_group
+from minicpm_jax.export.weights import (ROPE_FACTOR_NAMES, ExportTensor, detect_ternary_group, export_tensors,
+                                        gguf_array, ternary_group)
 from minicpm_jax.rope import longrope_scaling
 
 log = logging.getLogger("minicpm_jax.export")
@@ -88,8 +89,8 @@ def rope_factor_arrays(cfg: ModelConfig) -> Optional[dict[str, np.ndarray]]:
     return {"rope_factors_long.weight": long, "rope_factors_short.weight": short}
 
 
-def _plan(cfg: ModelConfig, qtype: str) -> list[_Planned]:
-    group = ternary_group(cfg)
+def _plan(cfg: ModelConfig, qtype: str, group: Optional[int]) -> list[_Planned]:
+    """Name, shape and GGML type of every tensor, in file order. group: the ternary scale group (None: not ternary)."""
     plan = []
     factors = rope_factor_arrays(cfg)
     tensors = export_tensors(cfg)
@@ -153,20 +154,17 @@ def to_gguf(path: str | os.PathLike, cfg: ModelConfig, params, tokenizer: Any = 
     if qtype in qtypes.LLAMACPP_QTYPES:
         return _via_llamacpp(path, cfg, params, tokenizer, qtype, name=name,
                              allow_tokenizer_mismatch=allow_tokenizer_mismatch, n_threads=n_threads)
-    if qtype in ("tq1_0", "tq2_0") and cfg.weight_quant != "ternary":
-        log.warning("EXPORTING A FULL-PRECISION MODEL AS %s: every matrix is ternarised by max|w| per 256 weights "
-                    "with no training, which is a different (much worse) model. Export a model trained with "
-                    "weight_quant='ternary' (BitCPM-style QAT) for a faithful ternary file.", qtype.upper())
+    group = _ternary_group_for(cfg, params, qtype)
     if cfg.sparse_config is not None:
         log.info("sparse_config is not represented in GGUF: llama.cpp runs dense attention at every length "
                  "(HF also runs dense below dense_len=%d)", cfg.sparse_config.dense_len)
     vocab = None
     if tokenizer is not None:
         vocab = gguf_tokenizer.build_vocab(tokenizer, cfg.vocab_size, allow_mismatch=allow_tokenizer_mismatch)
+        _check_special_ids(cfg, vocab)
     else:
         log.warning("no tokenizer: writing a 'no_vocab' GGUF (llama.cpp can run token ids but not text)")
-
-    plan = _plan(cfg, qtype)
+    plan = _plan(cfg, qtype, group)
     fallbacks = [(p.name, p.choice.fallback_reason) for p in plan if p.choice.fallback_reason]
     for tname, reason in fallbacks:
         log.warning("%s: %s", tname, reason)
@@ -199,6 +197,34 @@ def to_gguf(path: str | os.PathLike, cfg: ModelConfig, params, tokenizer: Any = 
                  cfg.vocab_size - vocab.n_padding, vocab.n_padding, cfg.vocab_size)
     log.info("wrote %s", report.summary())
     return report
+
+
+def _ternary_group_for(cfg: ModelConfig, params, qtype: str) -> Optional[int]:
+    """The ternary scale group that decides TQ vs fallback: the QAT config's, or for TQ exports of a plain config,
+    the one found in already-ternary weights (a BitCPM-style checkpoint). None: not a ternary model."""
+    group = ternary_group(cfg)
+    if qtype not in ("tq1_0", "tq2_0") or group is not None:
+        return group
+    group = detect_ternary_group(cfg, params)
+    if group is None:
+        log.warning("EXPORTING A FULL-PRECISION MODEL AS %s: every matrix is ternarised by max|w| per 256 weights "
+                    "with no training, which is a different (much worse) model. Export a model trained with "
+                    "weight_quant='ternary' (BitCPM-style QAT) for a faithful ternary file.", qtype.upper())
+    else:
+        log.info("the checkpoint's matrices are already ternary (scale group %s): exporting them as they are",
+                 "per row" if group == -1 else group)
+    return group
+
+
+def _check_special_ids(cfg: ModelConfig, vocab: gguf_tokenizer.GGUFVocab) -> None:
+    """llama.cpp stops at the tokenizer's EOS and `<|im_end|>`; say so when the model config names other ids."""
+    if cfg.bos_token_id is not None and cfg.bos_token_id != vocab.bos_id:
+        log.warning("config bos_token_id %d differs from the tokenizer's BOS %d; the GGUF uses the tokenizer's",
+                    cfg.bos_token_id, vocab.bos_id)
+    other = sorted(set(cfg.eos_ids) - {vocab.eos_id, vocab.eot_id})
+    if other:
+        log.warning("config eos ids %s are neither the tokenizer's EOS (%d) nor <|im_end|> (%s): llama.cpp will not "
+                    "stop generating at them", other, vocab.eos_id, vocab.eot_id)
 
 
 def _via_llamacpp(path: Path, cfg: ModelConfig, params, tokenizer, qtype: str, **kw) -> GGUFExport:

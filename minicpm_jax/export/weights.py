@@ -95,6 +95,40 @@ def ternary_group(cfg: ModelConfig) -> Optional[int]:
     return cfg.quant_group_size if cfg.weight_quant == "ternary" else None
 
 
+def ternary_block(w: np.ndarray, rtol: float = 1e-3) -> Optional[int]:
+    """For a matrix w [out, in] that already holds ternary values s·{-1, 0, 1} (BitCPM's fake-quantized checkpoint
+    format): the largest run of inputs sharing one magnitude, -1 when it is the whole row; None if w is not ternary.
+    """
+    a = np.abs(w.astype(np.float32, copy=False))
+    n_in = a.shape[-1]
+    for b in (n_in, 1024, 512, 256, 128, 64, 32, 16, 8):
+        if b > n_in or n_in % b:
+            continue
+        blocks = a.reshape(a.shape[0], n_in // b, b)
+        hi = blocks.max(-1)
+        lo = np.where(blocks > 0, blocks, np.inf).min(-1)
+        if np.all((hi == 0) | (hi <= lo * (1 + rtol))):
+            return -1 if b == n_in else b
+    return None
+
+
+def detect_ternary_group(cfg: ModelConfig, params) -> Optional[int]:
+    """The scale group of a checkpoint whose matrices are already ternary-valued (layer 0 is inspected), else None.
+
+    Lets a BitCPM-style HF checkpoint (loaded with weight_quant="none") get the same TQ / fallback decisions as a
+    QAT config: the smallest group over the matrices, -1 meaning one scale per row.
+    """
+    groups = []
+    for t in export_tensors(cfg):
+        if t.kind == "matrix" and t.layer == 0:
+            g = ternary_block(hf_array(cfg, params, t))
+            if g is None:
+                return None
+            groups.append(g)
+    finite = [g for g in groups if g != -1]
+    return min(finite) if finite else -1
+
+
 def hf_array(cfg: ModelConfig, params, t: ExportTensor) -> np.ndarray:
     """The float32 HF-layout value of one tensor: what the model computes with.
 

@@ -78,3 +78,18 @@ def test_ternary_model_exports_its_ternary_values_at_every_qtype(tokenizer, tmp_
     assert np.allclose(row, row[0], rtol=1e-6)                     # one magnitude per row: s·{-1, 0, 1}
     p = compare(llama_logits(path, ids), jax_logits(params, cfg, ids))
     assert p.max_abs <= 1e-4, p
+
+
+@pytest.mark.parametrize("group,expect", [(-1, "TQ2_0"), (64, "Q8_0")])
+def test_fake_quantized_checkpoint_is_recognised(tmp_path, group, expect):
+    """A BitCPM-style HF checkpoint (ternary values, loaded with weight_quant='none'): TQ where lossless, Q8_0 for
+    groups smaller than a TQ block, and no full-precision warning."""
+    from minicpm_jax.export import export_hf, load_for_export
+
+    cfg = make_cfg(weight_quant="ternary", quant_group_size=group)
+    params = make_params(cfg, seed=13)
+    cfg2, params2, _ = load_for_export(export_hf(tmp_path / "hf", cfg, params, None))
+    assert cfg2.weight_quant == "none"
+    rep = to_gguf(tmp_path / "t.gguf", cfg2, params2, None, "tq2_0")
+    assert rep.type_counts.get(expect) == 7 * cfg.num_hidden_layers
+    assert ternary_export_error(cfg, params, rep.path)["max_weight_rel_err"] <= FP16_EPS
