@@ -24,6 +24,7 @@ PRESETS = ("0.5b", "tiny", "8b")
 @dataclasses.dataclass
 class EdgeRow:
     qtype: str
+    threads: int
     file_mib: float
     export_s: float
     prefill_tps: float
@@ -87,10 +88,10 @@ def jax_decode_speed(cfg, params, prompt: Sequence[int], decode: Sequence[int]) 
     return len(prompt) / prefill_s, len(decode) / decode_s
 
 
-def run_edge_bench(preset: str = "0.5b", qtypes: Sequence[str] = ("f16", "q8_0", "q4_0"), n_threads: int = 2,
-                   prompt_len: int = 128, decode_tokens: int = 64, out_dir: Optional[str] = None,
-                   seed: int = 0) -> str:
-    """Run the benchmark and return the printed table."""
+def run_edge_bench(preset: str = "0.5b", qtypes: Sequence[str] = ("f16", "q8_0", "q4_0"),
+                   n_threads: Sequence[int] = (2,), prompt_len: int = 128, decode_tokens: int = 64,
+                   out_dir: Optional[str] = None, seed: int = 0) -> str:
+    """Run the benchmark and return the printed table (one row per qtype and llama.cpp thread count)."""
     import jax
 
     from minicpm_jax.export import llamacpp
@@ -109,31 +110,34 @@ def run_edge_bench(preset: str = "0.5b", qtypes: Sequence[str] = ("f16", "q8_0",
             t0 = time.perf_counter()
             rep = to_gguf(path, cfg, params, None, q, name=f"MiniCPM4-{preset}-random")
             export_s = time.perf_counter() - t0
-            pre, dec = llamacpp_speed(path, prompt, decode, n_threads)
-            rows.append(EdgeRow(q, rep.nbytes / 2**20, export_s, pre, dec))
+            for nt in n_threads:
+                pre, dec = llamacpp_speed(path, prompt, decode, nt)
+                rows.append(EdgeRow(q, nt, rep.nbytes / 2**20, export_s, pre, dec))
             if not out_dir:
                 path.unlink()
         jax_pre, jax_dec = jax_decode_speed(cfg, params, prompt, decode)
     extra = "on" if llamacpp.extra_buffers_work() else "OFF (AMX crashes here)"
     lines = [
         f"edge bench: MiniCPM4-{preset}-shaped random model ({cfg.param_count() / 1e6:.0f}M params, vocab "
-        f"{cfg.vocab_size}), CPU with {os.cpu_count()} cores; llama.cpp n_threads={n_threads}, F16 KV cache, "
-        f"extra buffer types {extra}; prompt {prompt_len} tokens, {decode_tokens} decode steps",
+        f"{cfg.vocab_size}), CPU with {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the end: other "
+        f"processes slow OpenMP barriers), llama.cpp F16 KV cache, extra buffer types {extra}; prompt {prompt_len} "
+        f"tokens, {decode_tokens} decode steps",
         f"JAX {jax.__version__} CPU float32 (same weights): prefill {jax_pre:.1f} tok/s, decode {jax_dec:.2f} tok/s",
         "",
-        f"| {'qtype':6} | {'file MiB':>8} | {'export s':>8} | {'llama.cpp prefill tok/s':>23} | "
+        f"| {'qtype':6} | {'file MiB':>8} | {'export s':>8} | {'threads':>7} | {'llama.cpp prefill tok/s':>23} | "
         f"{'llama.cpp decode tok/s':>22} | {'JAX f32 decode tok/s':>20} | {'decode llama.cpp / JAX':>22} |",
-        "|" + "|".join("-" * (w + 2) for w in (6, 8, 8, 23, 22, 20, 22)) + "|",
+        "|" + "|".join("-" * (w + 2) for w in (6, 8, 8, 7, 23, 22, 20, 22)) + "|",
     ]
     for r in rows:
-        lines.append(f"| {r.qtype:6} | {r.file_mib:8.1f} | {r.export_s:8.1f} | {r.prefill_tps:23.1f} | "
+        lines.append(f"| {r.qtype:6} | {r.file_mib:8.1f} | {r.export_s:8.1f} | {r.threads:7d} | {r.prefill_tps:23.1f} | "
                      f"{r.decode_tps:22.2f} | {jax_dec:20.2f} | {r.decode_tps / jax_dec:21.1f}x |")
     return "\n".join(lines)
 
 
 def main_from_args(args) -> int:
     qts = [q.strip() for q in args.qtypes.split(",") if q.strip()]
-    print(run_edge_bench(args.preset, qts, args.threads, args.prompt_len, args.decode_tokens, args.out_dir,
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    print(run_edge_bench(args.preset, qts, threads, args.prompt_len, args.decode_tokens, args.out_dir,
                          args.seed), flush=True)
     return 0
 
@@ -141,7 +145,7 @@ def main_from_args(args) -> int:
 def add_arguments(p) -> None:
     p.add_argument("--preset", choices=PRESETS, default="0.5b", help="model shape (random weights); default 0.5b")
     p.add_argument("--qtypes", default="f16,q8_0,q4_0", help="comma-separated GGUF qtypes (default f16,q8_0,q4_0)")
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument("--threads", default="2", help="llama.cpp thread counts, comma-separated (default 2)")
     p.add_argument("--prompt-len", type=int, default=128, help="prefill length in tokens (default 128)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps measured (default 64)")
     p.add_argument("--out-dir", default=None, help="keep the GGUF files here (default: a temporary directory)")
