@@ -119,3 +119,18 @@ def test_nfkc_tokenizer_is_refused(tmp_path):
     with pytest.raises(TokenizerExportError, match="nmt_nfkc"):
         to_gguf(tmp_path / "m.gguf", cfg, make_params(cfg), tok, "f32")
     to_gguf(tmp_path / "m.gguf", cfg, make_params(cfg), tok, "f32", allow_tokenizer_mismatch=True)
+
+
+def test_dummy_prefix_tokenizer_matches_too(tmp_path):
+    """MiniCPM's own tokenizer.model uses SentencePiece's dummy prefix: llama.cpp's add_space_prefix follows it."""
+    from data_pipeline.tokenizer import train_sentencepiece
+
+    tok = train_sentencepiece(corpus_texts(), N_PIECES, character_coverage=0.98, add_dummy_prefix=True)
+    cfg = make_cfg()
+    llm = llamacpp.open_model(to_gguf(tmp_path / "m.gguf", cfg, make_params(cfg), tok, "f16").path,
+                              logits_all=False, f32_kv=False)
+    assert llm.metadata["tokenizer.ggml.add_space_prefix"] == "true"
+    strings = [s for s in adversarial_strings(tok) if "<unk>" not in s]
+    bad = [s for s in strings if tok.encode(s, parse_special=True) != llamacpp.tokenize(llm, s, special=True)]
+    print(f"tokenizer parity with dummy prefix: {len(strings) - len(bad)}/{len(strings)}")
+    assert not bad, bad[:3]
