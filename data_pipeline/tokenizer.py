@@ -1,0 +1,493 @@
+"""Tokenizer: a Llama/MiniCPM-style SentencePiece BPE with byte fallback, trained on the corpus or loaded from a
+user's MiniCPM `tokenizer.model` / `tokenizer.json`, behind one interface with a ChatML chat template.
+
+Training follows data-offline.md §3 so that llama.cpp's SPM tokenizer reproduces our ids: identity normalization,
+remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, byte_fallback, split_digits, unk/bos/eos = 0/1/2,
+and `<|im_start|>` / `<|im_end|>` as USER_DEFINED pieces (llama.cpp always parses user-defined tokens in text).
+
+Text is split at special-token strings first and every fragment between them is encoded on its own. For a model
+with a dummy prefix that is exactly what llama.cpp and HF's Llama tokenizers do (a "▁" before each fragment);
+without one (our default) it equals SentencePiece's encoding of the whole string.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("data_pipeline")
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+# ChatML with a leading BOS (MiniCPM's format). Rendered with HF's Jinja semantics; see apply_chat_template.
+CHATML_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ROLES = ("system", "user", "assistant", "tool")
+
+# llama.cpp token types (tokenizer.ggml.token_type); SentencePiece's ModelProto.SentencePiece.Type uses the same numbers.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+# ====================================================================== backends
+class _SPM:
+    """sentencepiece.SentencePieceProcessor over a serialized ModelProto."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        self.proto_bytes = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.proto = pb.ModelProto()
+        self.proto.ParseFromString(model_proto)
+
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def piece_to_id(self, piece: str) -> Optional[int]:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        r = self.sp.encode(text, out_type="offset_mapping")
+        return list(r["ids"]), [tuple(o) for o in r["offsets"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def pieces(self) -> list[tuple[str, float, int]]:
+        return [(p.piece, float(p.score), int(p.type)) for p in self.proto.pieces]
+
+    def add_dummy_prefix(self) -> bool:
+        return bool(self.proto.normalizer_spec.add_dummy_prefix)
+
+    def special_ids(self) -> dict[str, Optional[int]]:
+        t = self.proto.trainer_spec
+        ok = lambda i: i if 0 <= i < self.vocab_size() else None  # noqa: E731
+        return {"unk": ok(t.unk_id), "bos": ok(t.bos_id), "eos": ok(t.eos_id), "pad": ok(t.pad_id)}
+
+    def user_defined(self) -> dict[str, int]:
+        return {p.piece: i for i, p in enumerate(self.proto.pieces) if p.type == USER_DEFINED}
+
+    def normalizer_warning(self) -> Optional[str]:
+        n = self.proto.normalizer_spec
+        if n.name not in ("identity", "") or n.remove_extra_whitespaces:
+            return (f"normalizer {n.name!r} (remove_extra_whitespaces={n.remove_extra_whitespaces}) is not reproduced "
+                    "by llama.cpp; GGUF exports of this tokenizer will tokenize differently")
+        return None
+
+
+class _HF:
+    """HF `tokenizers` (tokenizer.json): a user's MiniCPM LlamaTokenizerFast export."""
+
+    kind = "tokenizers"
+
+    def __init__(self, json_text: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.json_text = json_text
+        self.tok = HFTokenizer.from_str(json_text)
+        self.spec = json.loads(json_text)
+
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def piece_to_id(self, piece: str) -> Optional[int]:
+        return self.tok.token_to_id(piece)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        e = self.tok.encode(text, add_special_tokens=False)
+        return list(e.ids), [tuple(o) for o in e.offsets]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def pieces(self) -> list[tuple[str, float, int]]:
+        added = {a["id"]: a for a in self.spec.get("added_tokens", [])}
+        unk = self.spec.get("model", {}).get("unk_token")
+        out = []
+        for i in range(self.vocab_size()):
+            piece = self.tok.id_to_token(i)
+            if piece is None:
+                out.append((f"[PAD{i}]", 0.0, UNUSED))
+            elif piece == unk:
+                out.append((piece, 0.0, UNKNOWN))
+            elif i in added:
+                out.append((piece, 0.0, CONTROL if added[i].get("special") else USER_DEFINED))
+            elif _BYTE_PIECE.match(piece):
+                out.append((piece, 0.0, BYTE))
+            else:
+                # BPE ranks follow ids in Llama-family vocabularies: a falling score keeps llama.cpp's merge order
+                out.append((piece, -float(i), NORMAL))
+        return out
+
+    def add_dummy_prefix(self) -> bool:
+        norm = json.dumps(self.spec.get("normalizer") or {})
+        pre = json.dumps(self.spec.get("pre_tokenizer") or {})
+        return '"Prepend"' in norm or '"prepend_scheme": "always"' in pre or '"add_prefix_space": true' in pre
+
+    def special_ids(self) -> dict[str, Optional[int]]:
+        unk = self.spec.get("model", {}).get("unk_token")
+        return {"unk": self.tok.token_to_id(unk) if unk else None, "bos": self.tok.token_to_id(BOS),
+                "eos": self.tok.token_to_id(EOS), "pad": None}
+
+    def user_defined(self) -> dict[str, int]:
+        return {a["content"]: a["id"] for a in self.spec.get("added_tokens", [])}
+
+    def normalizer_warning(self) -> Optional[str]:
+        return None
+
+
+# ====================================================================== the interface
+class Tokenizer:
+    """encode/decode, special ids, ChatML chat template and assistant mask, save/load, GGUF metadata.
+
+    Attributes: vocab_size, bos_id, eos_id, unk_id, pad_id, im_start_id, im_end_id, chat_template (Jinja),
+    add_dummy_prefix, kind ("sentencepiece" | "tokenizers"), path (where it was loaded from, if anywhere).
+    """
+
+    def __init__(self, backend: Any, *, chat_template: Optional[str] = None,
+                 extra_specials: Optional[dict[str, int]] = None, path: Optional[Path] = None):
+        self._b = backend
+        self.kind = backend.kind
+        self.path = path
+        self.chat_template = chat_template or CHATML_TEMPLATE
+        ids = backend.special_ids()
+        self.unk_id = ids["unk"] if ids["unk"] is not None else 0
+        self.bos_id = ids["bos"] if ids["bos"] is not None else backend.piece_to_id(BOS)
+        self.eos_id = ids["eos"] if ids["eos"] is not None else backend.piece_to_id(EOS)
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"tokenizer at {path} has no BOS/EOS token ({BOS!r}/{EOS!r})")
+        self.pad_id = ids["pad"] if ids["pad"] is not None else self.unk_id  # Llama has no pad: padding is masked
+        # Tokens parsed out of raw text: the model's user-defined pieces (and added tokens from a config)
+        self._specials: dict[str, int] = dict(backend.user_defined())
+        self._specials.update(extra_specials or {})
+        for s in (IM_START, IM_END):
+            if s not in self._specials:
+                pid = backend.piece_to_id(s)
+                if pid is not None and pid != self.unk_id:
+                    self._specials[s] = pid
+        missing = [s for s in (IM_START, IM_END) if s not in self._specials]
+        if missing:
+            raise ValueError(f"tokenizer at {path} lacks the ChatML tokens {missing}")
+        self.im_start_id = self._specials[IM_START]
+        self.im_end_id = self._specials[IM_END]
+        # Control strings (<s>, </s>) are parsed only when asked (parse_special=True), as in HF / llama.cpp.
+        self._controls = {BOS: self.bos_id, EOS: self.eos_id}
+        self._split_re = self._make_split(self._specials)
+        self._split_all_re = self._make_split({**self._specials, **self._controls})
+        self._jinja = None
+        warn = backend.normalizer_warning()
+        if warn:
+            log.warning("tokenizer %s: %s", path, warn)
+
+    @staticmethod
+    def _make_split(tokens: dict[str, int]):
+        alts = sorted(tokens, key=len, reverse=True)
+        return re.compile("(" + "|".join(re.escape(t) for t in alts) + ")") if alts else None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def vocab_size(self) -> int:
+        return self._b.vocab_size()
+
+    @property
+    def add_dummy_prefix(self) -> bool:
+        return self._b.add_dummy_prefix()
+
+    def _fragments(self, text: str, parse_special: bool) -> list[tuple[str, Optional[int], int]]:
+        """(fragment text, special id or None, char offset) pieces of `text` split at special-token strings."""
+        if "<" not in text:  # fast path: no special-token string can occur
+            return [(text, None, 0)] if text else []
+        rx = self._split_all_re if parse_special else self._split_re
+        table = {**self._specials, **self._controls} if parse_special else self._specials
+        out, pos = [], 0
+        for part in (rx.split(text) if rx else [text]):
+            if part:
+                out.append((part, table.get(part), pos))
+            pos += len(part)
+        return out
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, *,
+               parse_special: bool = False) -> list[int]:
+        """Token ids of `text`. `<|im_start|>`/`<|im_end|>` in the text always become their ids; `<s>`/`</s>`
+        only with parse_special=True (as llama.cpp `special=True` / HF)."""
+        ids = [self.bos_id] if add_bos else []
+        for frag, sid, _ in self._fragments(text, parse_special):
+            if sid is not None:
+                ids.append(sid)
+            else:
+                ids.extend(self._b.encode(frag))
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
+                     num_threads: int = 2) -> list[list[int]]:
+        """`encode` of many texts; SentencePiece encodes them in `num_threads` C++ threads."""
+        if self.kind != "sentencepiece" or any("<" in t for t in texts):
+            return [self.encode(t, add_bos, add_eos) for t in texts]
+        ids = self._b.sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos, num_threads=num_threads)
+        return ids
+
+    def encode_with_offsets(self, text: str, *, parse_special: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and the (start, end) character span of each token in `text` (byte-fallback pieces of one character
+        share its span; all but the last have zero length)."""
+        ids, spans = [], []
+        for frag, sid, off in self._fragments(text, parse_special):
+            if sid is not None:
+                ids.append(sid)
+                spans.append((off, off + len(frag)))
+            else:
+                fids, fspans = self._b.encode_offsets(frag)
+                ids.extend(fids)
+                spans.extend((off + a, off + b) for a, b in fspans)
+        return ids, spans
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; BOS/EOS/pad are dropped, ChatML tokens are kept as text."""
+        drop = {self.bos_id, self.eos_id}
+        if self.pad_id != self.unk_id:
+            drop.add(self.pad_id)
+        return self._b.decode([int(i) for i in ids if int(i) not in drop])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.pieces()[i][0] if self.kind != "sentencepiece" else self._b.sp.id_to_piece(int(i))
+
+    # ------------------------------------------------------------------ chat
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        if self._jinja is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # HF's settings
+            self._jinja = env.from_string(self.chat_template)
+        return self._jinja.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                  bos_token=BOS, eos_token=EOS)
+
+    @staticmethod
+    def _check_messages(messages: Sequence[dict]) -> None:
+        if not messages:
+            raise ValueError("messages: need at least one message")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}]: expected {{'role': str, 'content': str}}, got {m!r}")
+            if m["role"] not in ROLES:
+                raise ValueError(f"messages[{i}].role: {m['role']!r} is not one of {ROLES}")
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as text (ChatML with BOS); `encode(..., parse_special=True)` of it == encode_chat ids."""
+        self._check_messages(messages)
+        return self._render(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, assistant_mask): mask is 1 on the tokens of each assistant reply and the `<|im_end|>` that closes
+        it, 0 elsewhere (system/user turns, role headers, the newline after `<|im_end|>`).
+
+        The reply spans come from rendering the template on growing prefixes of the conversation, so any template
+        whose renderings are prefixes of each other (ChatML is) works.
+        """
+        self._check_messages(messages)
+        text = self._render(messages, add_generation_prompt)
+        targets: list[tuple[int, int]] = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], True) if i else self._render(messages[:0] or [], True)
+            upto = self._render(messages[: i + 1], False)
+            if not text.startswith(upto) or not upto.startswith(before):
+                raise ValueError("chat template renderings are not prefixes of each other; cannot locate replies")
+            end = len(upto.rstrip())  # the reply plus its <|im_end|>, not the newline after it
+            targets.append((len(before), end))
+        ids, spans = self.encode_with_offsets(text, parse_special=True)
+        mask = []
+        for a, b in spans:
+            b = max(b, a + 1)
+            mask.append(int(any(a < te and b > ts for ts, te in targets)))
+        return ids, mask
+
+    # ------------------------------------------------------------------ GGUF metadata
+    def pieces(self) -> list[tuple[str, float, int]]:
+        """(piece, score, llama.cpp token type) for every id: 1 NORMAL 2 UNKNOWN 3 CONTROL 4 USER_DEFINED 5 UNUSED
+        6 BYTE."""
+        return self._b.pieces()
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, directory: str | Path) -> Path:
+        """Write tokenizer.model (SentencePiece) or tokenizer.json, plus HF tokenizer_config.json (with the ChatML
+        chat_template) and special_tokens_map.json. A SentencePiece model also gets an equivalent tokenizer.json
+        (LlamaTokenizerFast layout) so HF fast tokenizers load it."""
+        from data_pipeline.records import atomic_path, write_json, write_text
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.kind == "sentencepiece":
+            with atomic_path(d / "tokenizer.model") as tmp:
+                tmp.write_bytes(self._b.proto_bytes)
+            write_text(d / "tokenizer.json", spm_to_hf_json(self._b.proto_bytes))
+        else:
+            write_text(d / "tokenizer.json", self._b.json_text)
+        added = {}
+        for content, i in sorted({**self._specials, UNK: self.unk_id, BOS: self.bos_id, EOS: self.eos_id}.items(),
+                                 key=lambda kv: kv[1]):
+            added[str(i)] = {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                             "single_word": False, "special": True}
+        write_json(d / "tokenizer_config.json", {
+            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": None,
+            "additional_special_tokens": [IM_START, IM_END], "added_tokens_decoder": added,
+            "chat_template": self.chat_template, "clean_up_tokenization_spaces": False,
+            "legacy": True, "add_prefix_space": self.add_dummy_prefix, "spaces_between_special_tokens": False,
+            "model_max_length": 1 << 20, "sp_model_kwargs": {},
+        })
+        write_json(d / "special_tokens_map.json", {
+            "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "additional_special_tokens": [IM_START, IM_END]})
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load from a directory (tokenizer.model preferred, else tokenizer.json; tokenizer_config.json supplies
+        the chat template and added tokens) or from a tokenizer.model / tokenizer.json file."""
+        p = Path(path)
+        if p.is_dir():
+            d = p
+            model = d / "tokenizer.model" if (d / "tokenizer.model").exists() else d / "tokenizer.json"
+        else:
+            d, model = p.parent, p
+        if not model.exists():
+            raise FileNotFoundError(f"no tokenizer.model or tokenizer.json at {path}")
+        template, extra = None, {}
+        cfg_path = d / "tokenizer_config.json"
+        if cfg_path.exists():
+            try:
+                tc = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+            template = tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
+            for k, v in (tc.get("added_tokens_decoder") or {}).items():
+                if isinstance(v, dict) and v.get("content") not in (BOS, EOS, UNK, None):
+                    extra[v["content"]] = int(k)
+        if model.suffix == ".model":
+            backend = _SPM(model.read_bytes())
+            extra = {k: v for k, v in extra.items() if v < backend.vocab_size()}
+        elif model.suffix == ".json":
+            backend = _HF(model.read_text(encoding="utf-8"))
+        else:
+            raise ValueError(f"{model}: expected tokenizer.model or tokenizer.json")
+        return cls(backend, chat_template=template, extra_specials=extra, path=model)
+
+    @classmethod
+    def from_sentencepiece_proto(cls, proto: bytes) -> "Tokenizer":
+        return cls(_SPM(proto))
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.kind}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
+                f"im_start={self.im_start_id}, im_end={self.im_end_id}, add_dummy_prefix={self.add_dummy_prefix})")
+
+    # ------------------------------------------------------------------ pickling (grain workers)
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_jinja"] = None
+        state["_b"] = (self._b.kind, self._b.proto_bytes if self._b.kind == "sentencepiece" else self._b.json_text)
+        return state
+
+    def __setstate__(self, state):
+        kind, payload = state["_b"]
+        state["_b"] = _SPM(payload) if kind == "sentencepiece" else _HF(payload)
+        self.__dict__.update(state)
+
+
+# ====================================================================== training
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, character_coverage: float = 0.9995,
+                        add_dummy_prefix: bool = False, num_threads: int = 2, seed: int = 0) -> Tokenizer:
+    """Train a Llama-style SentencePiece BPE on `texts` (documents; split into lines, as SentencePiece trains on
+    lines, so newlines are byte-fallback `<0x0A>` tokens exactly as in Llama)."""
+    import io
+
+    import sentencepiece as spm
+
+    def lines():
+        for t in texts:
+            for line in t.split("\n"):
+                if line.strip():
+                    yield line
+
+    buf = io.BytesIO()
+    spm.set_random_generator_seed(seed)  # the trainer samples/shuffles lines with it
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=[IM_START, IM_END], add_dummy_prefix=add_dummy_prefix,
+        character_coverage=character_coverage, num_threads=num_threads, max_sentence_length=16384,
+        shuffle_input_sentence=True, input_sentence_size=0, hard_vocab_limit=False, minloglevel=2)
+    tok = Tokenizer.from_sentencepiece_proto(buf.getvalue())
+    if tok.vocab_size != vocab_size:
+        log.warning("tokenizer: trained %d pieces, asked for %d (the corpus sample is too small for more)",
+                    tok.vocab_size, vocab_size)
+    return tok
+
+
+# ====================================================================== SentencePiece -> tokenizer.json
+def spm_to_hf_json(model_proto: bytes) -> str:
+    """An HF `tokenizers` BPE equivalent to a SentencePiece BPE model (what transformers' LlamaConverter builds):
+    merges are every split of a piece into two pieces, ranked by the merged piece's score."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_proto)
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = []
+    for i, p in enumerate(proto.pieces):
+        if p.type != NORMAL:
+            continue
+        piece = p.piece
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        merges.extend((lft, rgt, p.score, i) for lft, rgt in local)
+    merges.sort(key=lambda m: (-m[2], m[3]))
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _, _ in merges], unk_token=unk,
+                                 fuse_unk=True, byte_fallback=True))
+    norms = [normalizers.Replace(" ", "▁")]
+    decs = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if proto.normalizer_spec.add_dummy_prefix:
+        norms.insert(0, normalizers.Prepend("▁"))
+        decs.append(decoders.Strip(" ", 1, 0))
+    tok.normalizer = normalizers.Sequence(norms)
+    tok.decoder = decoders.Sequence(decs)
+    special = [AddedToken(p.piece, special=True, normalized=False)
+               for p in proto.pieces if p.type in (CONTROL, UNKNOWN)]
+    user = [AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces if p.type == USER_DEFINED]
+    tok.add_special_tokens(special + user)
+    return tok.to_str()
+
+
+def bytes_per_token(tok: Tokenizer, texts: Iterable[str]) -> float:
+    """UTF-8 bytes per token over `texts` (the compression figure of data-offline.md §3)."""
+    nbytes = ntok = 0
+    for t in texts:
+        nbytes += len(t.encode("utf-8"))
+        ntok += len(tok.encode(t))
+    return nbytes / max(ntok, 1)
+
+
+def as_array(ids: Sequence[int]) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int32)
