@@ -15,8 +15,18 @@ from minicpm_jax.kv_cache import KVCache, init_cache
 from minicpm_jax.model import MiniCPM, abstract_params, compute_logits, forward, init_params, param_logical_axes
 from minicpm_jax.sparse.config import SparseConfig
 
+
+
+def __getattr__(name):
+    # `mc.export` without importing gguf / llama.cpp bindings on every `import minicpm_jax`
+    if name == "export":
+        import importlib
+        return importlib.import_module("minicpm_jax.export")
+    raise AttributeError(f"module 'minicpm_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "ModelConfig", "RopeScaling", "SparseConfig", "MiniCPM", "init_params", "abstract_params", "param_logical_axes",
     "forward", "compute_logits", "generate", "GenerateResult", "prefill", "decode_step", "KVCache", "init_cache",
-    "load_hf", "save_hf", "sparse",
+    "load_hf", "save_hf", "sparse", "export",
 ]

@@ -138,6 +138,16 @@ def cmd_sweep(args):
 
 
 # --------------------------------------------------------------------------------------------- assembly
+def _bench_script(name: str):
+    """experiments/bench/bench_<name>.py as a module (benchmarks are scripts, not library code)."""
+    import importlib.util
+    path = REPO / "experiments" / "bench" / f"bench_{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicpm", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from minicpm_jax.train.bench import register_bench as register_train_bench
     register_train_bench(bench_sub)
-    from minicpm_jax.sparse.bench import register_bench as register_sparse_bench
-    register_sparse_bench(bench_sub)
+    _bench_script("sparse").register_bench(bench_sub)
     from data_pipeline.cli import register_bench as register_data_bench
     register_data_bench(bench_sub)
     from minicpm_jax.export.cli import register_bench as register_edge_bench

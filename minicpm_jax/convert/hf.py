@@ -93,7 +93,7 @@ def params_to_hf_tensors(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
     """All HF tensors as numpy arrays (host memory; use `save_hf` for large models)."""
     out = {}
     for spec in tensor_specs(cfg):
-        leaf = _to_host(_get(params, spec.path))
+        leaf = to_host(_get(params, spec.path))
         if spec.layered:
             for i, name in enumerate(spec.names(cfg.num_hidden_layers)):
                 out[name] = spec.to_hf(leaf[i])
@@ -276,7 +276,7 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params, *, max_shard_byte
             tensors = {}
             for name, spec, i in shard:
                 if leaves[spec.path] is None:          # gather each stacked leaf once
-                    leaves[spec.path] = _to_host(_get(params, spec.path))
+                    leaves[spec.path] = to_host(_get(params, spec.path))
                 leaf = leaves[spec.path]
                 t = spec.to_hf(leaf[i] if spec.layered else leaf).astype(out_dtype)
                 tensors[name] = t
@@ -337,7 +337,7 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def _to_host(x) -> np.ndarray:
+def to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
         x = multihost_utils.process_allgather(x, tiled=True)

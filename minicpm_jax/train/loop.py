@@ -48,6 +48,17 @@ def init_distributed(dcfg) -> None:
             jax.distributed.initialize(initialization_timeout=dcfg.initialization_timeout)
 
 
+def fault_point(kind: str, step: int) -> None:
+    """Fault injection for the crash/resume tests: MINICPM_FAULT="<kind>:<step>" hard-kills the process there.
+
+    kinds: "during_save" (right after an async checkpoint save of `step` started, before it committed) and
+    "after_step" (after `step` finished and its checkpoint, if any, committed). Unset in normal runs.
+    """
+    if os.environ.get("MINICPM_FAULT") == f"{kind}:{step}":
+        print(f"MINICPM_FAULT: killing the process at {kind}:{step}", flush=True)
+        os._exit(17)
+
+
 def say(msg: str):
     if jax.process_index() == 0:
         print(msg, flush=True)
@@ -228,7 +239,11 @@ def run(exp: ExperimentConfig) -> RunSummary:
                 if step % exp.train.checkpoint_every == 0 or step == exp.train.steps:
                     ckpt.save(step, state, train_it, {"step": step, "tokens_seen": step * tokens_per_step,
                                                       "seed": exp.seed, "config": json_ready(dataclasses.asdict(exp))})
+                    fault_point("during_save", step)
                     t_mark = None
+                if os.environ.get("MINICPM_FAULT", "").startswith("after_step:"):
+                    ckpt.wait()
+                    fault_point("after_step", step)
     finally:
         pbar.close()
         ckpt.close()
@@ -268,12 +283,14 @@ def export_run(exp: ExperimentConfig, cfg: ModelConfig, params, tokenizer, run_d
         from minicpm_jax.export.hf_export import export_hf
         path = export_hf(run_dir / "export" / "hf", cfg, params, tokenizer)
         out["hf"] = str(path)
+    if exp.export.gguf_qtypes:
+        from minicpm_jax.convert.hf import to_host
+        host = jax.tree.map(to_host, params)            # every process takes part in the gather
     for q in exp.export.gguf_qtypes:
         from minicpm_jax.export.gguf import to_gguf
         if jax.process_index() == 0:
-            host = jax.tree.map(np.asarray, jax.device_get(params))
             path = to_gguf(run_dir / "export" / f"{exp.name}-{q}.gguf", cfg, host, tokenizer, qtype=q)
-            out[f"gguf_{q}"] = str(path)
+            out[f"gguf_{q}"] = str(path.path)
     return out
 
 

@@ -1,0 +1,63 @@
+"""Kill-and-resume: a run killed during a checkpoint save resumes from the previous checkpoint and reproduces the
+uninterrupted loss sequence exactly; corrupt checkpoints are detected with a message naming them."""
+
+import shutil
+
+import pytest
+
+from minicpm_jax.train.checkpoint import CheckpointError, load_run_params
+from minicpm_jax.train.metrics import read_metrics
+from tests.train.conftest import run_cli, train_overrides
+
+CONFIG = ["train", "--config", "experiments/configs/tiny.yaml"]
+
+
+def losses(run_dir) -> dict[int, float]:
+    out = {}
+    for r in read_metrics(run_dir):          # a resumed run re-logs steps after its checkpoint: later rows win
+        if r["split"] == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    r = run_cli(CONFIG + train_overrides(out, prepared_data_dir, 6, ["train.checkpoint_every=2"]))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def test_kill_during_save_then_resume_reproduces_the_loss_sequence(uninterrupted, prepared_data_dir, tmp_path):
+    out = tmp_path / "b"
+    args = CONFIG + train_overrides(out, prepared_data_dir, 6, ["train.checkpoint_every=2"])
+    killed = run_cli(args, {"MINICPM_FAULT": "during_save:4"})
+    assert killed.returncode == 17, killed.stdout[-2000:] + killed.stderr[-2000:]
+    committed = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert committed == [2], committed             # step 4 never committed
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "checkpoints/2" in resumed.stdout
+    a, b = losses(uninterrupted), losses(out)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert [b[s] for s in range(1, 7)] == [a[s] for s in range(1, 7)]    # bit-identical
+
+
+def test_corrupt_checkpoint_is_named_and_the_previous_one_is_used(uninterrupted, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 6]                          # keep_checkpoints = 2
+    victim = max((run / "checkpoints" / "6" / "state").rglob("*"), key=lambda p: p.stat().st_size if p.is_file()
+                 else -1)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])     # truncate the largest array file
+    with pytest.raises(CheckpointError, match=r"checkpoint step 6 in .*checkpoints cannot be restored.*partial or "
+                                              r"corrupt"):
+        load_run_params(run, step=6)
+    _, _, params = load_run_params(run)             # falls back to step 4, with a warning
+    assert "Falling back to the previous checkpoint" in capsys.readouterr().out
+    _, _, params4 = load_run_params(uninterrupted, step=4)
+    import jax
+    import numpy as np
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params4)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
