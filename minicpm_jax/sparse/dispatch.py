@@ -60,15 +60,15 @@ def select_blocks(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, q_offset=Non
 
 def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseConfig, impl: str = "reference", *,
                         segment_ids=None, q_score: Optional[jax.Array] = None, k_score: Optional[jax.Array] = None,
-                        q_offset=None, chunk: Optional[int] = None, select_chunk: int = 256, interpret=None,
-                        pallas_backend: Optional[str] = None, mesh=None, batch_axes=None, head_axes=None) -> jax.Array:
+                        q_offset=None, chunk: Optional[int] = None, sub: int = 4, select_chunk: int = 256,
+                        interpret=None, pallas_backend: Optional[str] = None, mesh=None, batch_axes=None, head_axes=None) -> jax.Array:
     """InfLLM v2 sparse attention (always sparse; the caller applies `cfg.use_sparse(kv_len)`).
 
     q: [B,Tq,Hq,D] post-RoPE; k, v: [B,Tk,Hkv,D]; queries are the last Tq positions (or start at q_offset).
     Softmax scale 1/sqrt(D); output [B,Tq,Hq,D] in q.dtype, fp32 accumulation. Any group size Hq/Hkv.
     q_score/k_score: tensors used for block scoring (pre-RoPE when cfg.use_nope); default q/k.
     segment_ids: must be None (or one document per row), see `check_segment_ids`.
-    chunk: queries per step of the XLA path (memory ~ chunk * topk * block_size * D per KV head).
+    chunk, sub: XLA path tiling: queries per step, top-k slots gathered per inner step (memory ~ chunk*sub*block*D).
     Pallas only: interpret (default: True off GPU/TPU), pallas_backend ("triton" | "mosaic_tpu"), and
     mesh/batch_axes/head_axes to run the kernels under jax.shard_map for sharded inputs.
     """
@@ -80,7 +80,7 @@ def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseCon
     ks = k if k_score is None else k_score
     if impl == "reference":
         return infllm_v2_reference(q, k, v, cfg, q_score=qs, k_score=ks, q_offset=q_offset)
-    opts = (("chunk", chunk or 32), ("select_chunk", select_chunk), ("interpret", interpret),
+    opts = (("chunk", chunk or 8), ("sub", sub), ("select_chunk", select_chunk), ("interpret", interpret),
             ("backend", pallas_backend), ("mesh", mesh), ("batch_axes", batch_axes), ("head_axes", head_axes))
     return _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts)
 
@@ -92,7 +92,7 @@ def _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts):
     t = query_positions(b, tq, k.shape[1], q_offset)
     lists = select_block_lists(qs, ks, cfg, q_offset=q_offset, chunk=o["select_chunk"])
     if impl == "xla":
-        return sparse_attention_xla(q, k, v, lists, t, cfg, chunk=o["chunk"])
+        return sparse_attention_xla(q, k, v, lists, t, cfg, chunk=o["chunk"], sub=o["sub"])
     from minicpm_jax.sparse.pallas import sparse_attention_pallas
 
     return sparse_attention_pallas(q, k, v, lists, t, cfg, interpret=o["interpret"], backend=o["backend"],

@@ -78,7 +78,8 @@ def kernel_scores(q: jax.Array, kc: jax.Array, t: jax.Array, cfg: SparseConfig, 
     hkv = kc.shape[2]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d)
-    qg = q.reshape(b, c, hkv, g, d).astype(jnp.float32)
+    # [B, Hkv, C*G, D]: batch dims lead so the logits are one batched matmul per KV group
+    qm = q.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, c * g, d).astype(jnp.float32)
 
     def logits_and_vis(kcx, ks, st, cnt):
         nk = kcx.shape[1]
@@ -86,19 +87,23 @@ def kernel_scores(q: jax.Array, kc: jax.Array, t: jax.Array, cfg: SparseConfig, 
         vis = (j[None, None, :] * st + ks - 1) <= t[:, :, None]  # [B, C, NK]
         if cnt is not None:
             vis = vis & (j[None, None, :] < cnt[:, None, None])
-        lg = jnp.einsum("bcgnd,bjgd->bgncj", qg, kcx.astype(jnp.float32), precision="highest") * scale
-        return jnp.where(vis[:, None, None], lg, -jnp.inf), vis
+        kg = kcx.astype(jnp.float32).transpose(0, 2, 1, 3)       # [B, Hkv, NK, D]
+        lg = jnp.einsum("bhmd,bhjd->bhmj", qm, kg).reshape(b, hkv, c, g, nk) * scale
+        return jnp.where(vis[:, None, :, None, :], lg, -jnp.inf), vis
 
     l1, vis1 = logits_and_vis(kc, cfg.kernel_size, cfg.kernel_stride, kernel_count)
-    lse = jax.nn.logsumexp(l1, axis=-1, keepdims=True)  # -inf for a row with no visible kernel
+    m = l1.max(axis=-1, keepdims=True)                               # -inf for a row with no visible kernel
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(l1 - m)                                              # one exp per logit; 0 where invisible
     if cfg.lse_approx and kc2 is not None and kc2.shape[1] > 0:
         ks2, st2 = coarse_sizes(cfg)
-        l2, vis2 = logits_and_vis(kc2, ks2, st2, kernel_count2)
+        l2, _ = logits_and_vis(kc2, ks2, st2, kernel_count2)
         lse2 = jax.nn.logsumexp(l2, axis=-1, keepdims=True)
-        # No coarse kernel visible yet (t < 4*kernel_size - 1): fall back to the exact normaliser.
-        lse = jnp.where(jnp.isfinite(lse2), lse2, lse)
-    p = jnp.where(vis1[:, None, None], jnp.exp(l1 - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
-    return p.sum(axis=2)  # sum over the query heads of each KV group
+        # exp(l1 - lse2) = e * exp(m - lse2); no coarse kernel visible yet (t < 4*kernel_size - 1): exact softmax
+        factor = jnp.where(jnp.isfinite(lse2), jnp.exp(m - lse2), 1.0 / jnp.maximum(e.sum(-1, keepdims=True), 1e-30))
+    else:
+        factor = 1.0 / jnp.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
+    return (e * factor).sum(axis=3)  # sum over the query heads of each KV group -> [B, Hkv, C, NK]
 
 
 def lists_from_block_scores(blk: jax.Array, t: jax.Array, cfg: SparseConfig) -> BlockLists:

@@ -83,41 +83,22 @@ def _window(k, t, cfg: SparseConfig, w: int):
     return band, start[:, None] + jnp.arange(w, dtype=jnp.int32)[None]
 
 
-def _masks(t, pos_top, blk_top, slot_ok, pos_w, cfg: SparseConfig):
-    """Visibility of gathered top-k keys [B,Hkv,C,kt,bs] and of band keys [B,C,W] for queries t [B,C]."""
-    bs, n = cfg.block_size, cfg.window_blocks
-    m_top = slot_ok[..., None] & (pos_top >= (blk_top * bs)[..., None]) & (pos_top <= t[:, None, :, None, None])
-    qb = (t // bs)[:, :, None]
-    kb = (pos_w // bs)[:, None, :]
-    m_w = (kb > qb - n) & (kb <= qb) & (kb >= cfg.init_blocks) & (pos_w[:, None, :] <= t[:, :, None])
-    return m_top, m_w
-
-
 # Layouts inside a chunk (batch dims lead in every operand, so each einsum is a plain batched matmul on XLA:CPU;
 # a 5-D einsum whose batch dims sit in different places falls back to a slow loop emitter):
 #   qm   [B, Hkv, C, G, D]        queries of the chunk, grouped
-#   kt_  [B, Hkv, C, kt*bs, D]    gathered top-k keys, per token
+#   kb   [B, Hkv, C, sub*bs, D]   gathered top-k keys of `sub` list slots, per token
 #   kw   [B, Hkv, W, D]           window band, shared by the chunk (matmul rows are C*G)
-def _chunk_parts(qc, tc, idx_top, n_top, k, v, cfg, w):
-    b, c, hq, d = qc.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    kt = idx_top.shape[-1]
-    bs = cfg.block_size
-    qm = qc.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
-    k_top, pos_top, tok = _gather_top(k, idx_top, bs)
-    v_top = _gather_top(v, idx_top, bs)[0]
-    k_top = k_top.reshape(b, hkv, c, kt * bs, d).astype(jnp.float32)
-    v_top = v_top.reshape(b, hkv, c, kt * bs, d).astype(jnp.float32)
-    k_w, pos_w = _window(k, tc, cfg, w)
-    v_w, _ = _window(v, tc, cfg, w)
-    k_w = k_w.transpose(0, 2, 1, 3).astype(jnp.float32)
-    v_w = v_w.transpose(0, 2, 1, 3).astype(jnp.float32)
-    slot_ok = jnp.arange(kt) < n_top[..., None]
-    m_top, m_w = _masks(tc, pos_top, idx_top, slot_ok, pos_w, cfg)
-    m_top = m_top.reshape(b, hkv, c, 1, kt * bs)
-    m_w = m_w[:, None, :, None, :]                                                 # [B,1,C,1,W]
-    return qm, k_top, v_top, tok, k_w, v_w, m_top, m_w
+# The top-k slots are visited `sub` at a time with an online softmax (flash style): gathering all ~64 blocks of
+# every token at once makes [C, 64, 64, D] temporaries that fall out of cache and run 2-3x slower on a CPU.
+def _group(x, hkv):
+    """[B,C,Hq,D] -> [B,Hkv,C,G,D] float32."""
+    b, c, hq, d = x.shape
+    return x.reshape(b, c, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
+
+
+def _to_tokens(x, b, c, hq, d):
+    """[B,Hkv,C,G,D] -> [B,C,Hq,D]."""
+    return x.transpose(0, 2, 1, 3, 4).reshape(b, c, hq, d)
 
 
 def _band(x, kw):
@@ -132,54 +113,71 @@ def _band_t(p, vw):
     return jnp.einsum("bhmw,bhwd->bhmd", p.reshape(b, h, c * g, w), vw, precision=_HI).reshape(b, h, c, g, -1)
 
 
-def _logits(qm, k_top, k_w, m_top, m_w, scale):
-    s_top = jnp.einsum("bhcnd,bhcsd->bhcns", qm, k_top, precision=_HI) * scale
-    s_w = _band(qm, k_w) * scale
-    return jnp.where(m_top, s_top, -jnp.inf), jnp.where(m_w, s_w, -jnp.inf)
+def _window_parts(qm, tc, k, v, cfg, w, scale):
+    """Window band keys/values [B,Hkv,W,D], its start [B], and the masked logits [B,Hkv,C,G,W]."""
+    k_w, pos_w = _window(k, tc, cfg, w)
+    v_w, _ = _window(v, tc, cfg, w)
+    k_w = k_w.transpose(0, 2, 1, 3).astype(jnp.float32)
+    v_w = v_w.transpose(0, 2, 1, 3).astype(jnp.float32)
+    bs, n = cfg.block_size, cfg.window_blocks
+    qb = (tc // bs)[:, :, None]
+    kb = (pos_w // bs)[:, None, :]
+    m_w = (kb > qb - n) & (kb <= qb) & (kb >= cfg.init_blocks) & (pos_w[:, None, :] <= tc[:, :, None])  # [B,C,W]
+    s_w = jnp.where(m_w[:, None, :, None, :], _band(qm, k_w) * scale, -jnp.inf)
+    return k_w, v_w, pos_w[:, 0], s_w
 
 
-def _to_tokens(x, b, c, hq, d):
-    """[B,Hkv,C,G,D] -> [B,C,Hq,D]."""
-    return x.transpose(0, 2, 1, 3, 4).reshape(b, c, hq, d)
+def _top_parts(qm, tc, ids, slot0, n_top, k, v, bs, scale):
+    """Top-k slots slot0 .. slot0+sub-1: gathered K/V [B,Hkv,C,sub*bs,D], block starts, masked logits."""
+    b, h, c, g, d = qm.shape
+    sub = ids.shape[-1]
+    kb, pos, starts = _gather_top(k, ids, bs)
+    vb = _gather_top(v, ids, bs)[0]
+    kb = kb.reshape(b, h, c, sub * bs, d).astype(jnp.float32)
+    vb = vb.reshape(b, h, c, sub * bs, d).astype(jnp.float32)
+    ok = ((slot0 + jnp.arange(sub)) < n_top[..., None])[..., None] & (pos >= (ids * bs)[..., None]) & \
+        (pos <= tc[:, None, :, None, None])
+    s = jnp.einsum("bhcnd,bhcsd->bhcns", qm, kb, precision=_HI) * scale
+    s = jnp.where(ok.reshape(b, h, c, 1, sub * bs), s, -jnp.inf)
+    return kb, vb, starts, s
 
 
-def _chunk_fwd(qc, tc, idx_top, n_top, k, v, cfg, w):
-    """One chunk: qc [B,C,Hq,D] -> out [B,C,Hq,D] f32 and lse [B,Hkv,C,G]."""
+def _chunk_fwd(qc, tc, idx_top, n_top, k, v, cfg, w, sub):
+    """One chunk: qc [B,C,Hq,D] at positions tc [B,C] -> out [B,C,Hq,D] f32 and lse [B,Hkv,C,G]."""
     b, c, hq, d = qc.shape
+    hkv = k.shape[2]
     scale = 1.0 / math.sqrt(d)
-    qm, k_top, v_top, _, k_w, v_w, m_top, m_w = _chunk_parts(qc, tc, idx_top, n_top, k, v, cfg, w)
-    s_top, s_w = _logits(qm, k_top, k_w, m_top, m_w, scale)
-    m = jnp.maximum(s_top.max(axis=-1), s_w.max(axis=-1))  # finite: the query's own key is always visible
-    p_top = jnp.exp(s_top - m[..., None])
+    qm = _group(qc, hkv)
+    _, v_w, _, s_w = _window_parts(qm, tc, k, v, cfg, w, scale)
+    m = s_w.max(axis=-1)  # finite unless qb < init_blocks (then the own block is a top-k pick)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
     p_w = jnp.exp(s_w - m[..., None])
-    l = p_top.sum(axis=-1) + p_w.sum(axis=-1)
-    o = jnp.einsum("bhcns,bhcsd->bhcnd", p_top, v_top, precision=_HI) + _band_t(p_w, v_w)
-    o = o / l[..., None]
-    return _to_tokens(o, b, c, hq, d), m + jnp.log(l)
+    carry = (_band_t(p_w, v_w), m, p_w.sum(axis=-1))
+
+    def body(j, carry):
+        acc, m, l = carry
+        ids = jax.lax.dynamic_slice_in_dim(idx_top, j * sub, sub, axis=3)
+        _, vb, _, s = _top_parts(qm, tc, ids, j * sub, n_top, k, v, cfg.block_size, scale)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        a = jnp.exp(m - m_new)
+        acc = a[..., None] * acc + jnp.einsum("bhcns,bhcsd->bhcnd", p, vb, precision=_HI)
+        return acc, m_new, a * l + p.sum(axis=-1)
+
+    acc, m, l = jax.lax.fori_loop(0, idx_top.shape[-1] // sub, body, carry)
+    return _to_tokens(acc / l[..., None], b, c, hq, d), m + jnp.log(l)
 
 
 def _chunk_fwd_all_blocks(qc, tc, idx, count, k, v, cfg):
     """Decode form (C = 1): gather every listed block (top-k and window alike) and do one softmax over them.
 
-    With a single query the window is no longer shared, so one [G, D] x [D, k_max*bs] product per group is
-    simplest. Same keys, same result, same lse as _chunk_fwd.
+    With a single query the window is no longer shared and ~96 blocks fit in cache, so one [G, D] x [D, k_max*bs]
+    product per group is simplest and fastest. Same keys, same result, same lse as _chunk_fwd.
     """
     b, c, hq, d = qc.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    kk = idx.shape[-1]
-    bs = cfg.block_size
     scale = 1.0 / math.sqrt(d)
-    qm = qc.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
-    kb, pos, _ = _gather_top(k, idx, bs)                                          # [B,Hkv,C,K,bs,D]
-    vb = _gather_top(v, idx, bs)[0]
-    kb = kb.reshape(b, hkv, c, kk * bs, d).astype(jnp.float32)
-    vb = vb.reshape(b, hkv, c, kk * bs, d).astype(jnp.float32)
-    ok = (jnp.arange(kk) < count[..., None])[..., None] & (pos >= (idx * bs)[..., None]) & \
-        (pos <= tc[:, None, :, None, None])
-    ok = ok.reshape(b, hkv, c, 1, kk * bs)
-    s = jnp.einsum("bhcnd,bhcsd->bhcns", qm, kb, precision=_HI) * scale
-    s = jnp.where(ok, s, -jnp.inf)
+    qm = _group(qc, k.shape[2])
+    _, vb, _, s = _top_parts(qm, tc, idx, 0, count, k, v, cfg.block_size, scale)
     m = s.max(axis=-1)
     p = jnp.exp(s - m[..., None])
     l = p.sum(axis=-1)
@@ -187,32 +185,43 @@ def _chunk_fwd_all_blocks(qc, tc, idx, count, k, v, cfg):
     return _to_tokens(o, b, c, hq, d), m + jnp.log(l)
 
 
-def _chunk_bwd(qc, tc, idx_top, n_top, k, v, oc, doc, lse, cfg, w):
-    """Gradients of one chunk: dq [B,C,Hq,D] and the dk/dv contributions (top: per gathered key, band: [B,W,..])."""
+def _chunk_bwd(qc, tc, idx_top, n_top, k, v, oc, doc, lse, cfg, w, sub, dk, dv):
+    """Gradients of one chunk: returns dq [B,C,Hq,D] and dk, dv [B,Tk,Hkv,D] with this chunk's part added."""
     b, c, hq, d = qc.shape
     hkv = k.shape[2]
-    g = hq // hkv
-    kt = idx_top.shape[-1]
-    bs = cfg.block_size
     scale = 1.0 / math.sqrt(d)
-    qm, k_top, v_top, tok, k_w, v_w, m_top, m_w = _chunk_parts(qc, tc, idx_top, n_top, k, v, cfg, w)
-    s_top, s_w = _logits(qm, k_top, k_w, m_top, m_w, scale)
-    dom = doc.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
-    om = oc.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
-    delta = jnp.sum(dom * om, axis=-1)                                             # [B,Hkv,C,G]
-    p_top = jnp.exp(s_top - lse[..., None])
+    qm, dom = _group(qc, hkv), _group(doc, hkv)
+    delta = jnp.sum(dom * _group(oc, hkv), axis=-1)                                # [B,Hkv,C,G]
+    k_w, v_w, start, s_w = _window_parts(qm, tc, k, v, cfg, w, scale)
     p_w = jnp.exp(s_w - lse[..., None])
-    dp_top = jnp.einsum("bhcnd,bhcsd->bhcns", dom, v_top, precision=_HI)
-    dp_w = _band(dom, v_w)
-    ds_top = p_top * (dp_top - delta[..., None]) * scale
-    ds_w = p_w * (dp_w - delta[..., None]) * scale
-    dq = jnp.einsum("bhcns,bhcsd->bhcnd", ds_top, k_top, precision=_HI) + _band_t(ds_w, k_w)
-    dk_top = jnp.einsum("bhcns,bhcnd->bhcsd", ds_top, qm, precision=_HI).reshape(b, hkv, c, kt, bs, d)
-    dv_top = jnp.einsum("bhcns,bhcnd->bhcsd", p_top, dom, precision=_HI).reshape(b, hkv, c, kt, bs, d)
-    m2 = lambda x: x.reshape(b, hkv, c * g, -1)
+    ds_w = p_w * (_band(dom, v_w) - delta[..., None]) * scale
+    dq = _band_t(ds_w, k_w)
+    m2 = lambda x: x.reshape(b, hkv, c * x.shape[3], -1)
     dk_w = jnp.einsum("bhmw,bhmd->bwhd", m2(ds_w), m2(qm), precision=_HI)
     dv_w = jnp.einsum("bhmw,bhmd->bwhd", m2(p_w), m2(dom), precision=_HI)
-    return _to_tokens(dq, b, c, hq, d), tok, dk_top, dv_top, dk_w, dv_w
+
+    def add_band(acc, band, st):
+        cur = jax.lax.dynamic_slice_in_dim(acc, st, w, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(acc, cur + band, st, axis=0)
+
+    dk = jax.vmap(add_band)(dk, dk_w, start)
+    dv = jax.vmap(add_band)(dv, dv_w, start)
+
+    def body(j, carry):
+        dq, dk, dv = carry
+        ids = jax.lax.dynamic_slice_in_dim(idx_top, j * sub, sub, axis=3)
+        kb, vb, starts, s = _top_parts(qm, tc, ids, j * sub, n_top, k, v, cfg.block_size, scale)
+        p = jnp.exp(s - lse[..., None])
+        dp = jnp.einsum("bhcnd,bhcsd->bhcns", dom, vb, precision=_HI)
+        ds = p * (dp - delta[..., None]) * scale
+        dq = dq + jnp.einsum("bhcns,bhcsd->bhcnd", ds, kb, precision=_HI)
+        shape = starts.shape[:-1] + (cfg.block_size, d)                           # [B,Hkv,C,sub,bs,D]
+        dkb = jnp.einsum("bhcns,bhcnd->bhcsd", ds, qm, precision=_HI).reshape(shape)
+        dvb = jnp.einsum("bhcns,bhcnd->bhcsd", p, dom, precision=_HI).reshape(shape)
+        return dq, _scatter_add_blocks(dk, starts, dkb), _scatter_add_blocks(dv, starts, dvb)
+
+    dq, dk, dv = jax.lax.fori_loop(0, idx_top.shape[-1] // sub, body, (dq, dk, dv))
+    return _to_tokens(dq, b, c, hq, d), dk, dv
 
 
 def _split(x, axis, c, nc):
@@ -233,25 +242,29 @@ def _merge(x, axis, tq):
     return jax.lax.slice_in_dim(x, 0, tq, axis=axis)
 
 
-def _prep(q, t, lists: BlockLists, kt, chunk):
+def _prep(q, t, lists: BlockLists, kt, chunk, sub):
     tq = q.shape[1]
     c = min(chunk, tq)
     nc = -(-tq // c)
-    return c, nc, (_split(q, 1, c, nc), _split(t, 1, c, nc), _split(lists.idx[..., :kt], 2, c, nc),
+    idx_top = lists.idx[..., :kt]
+    pad = -kt % sub  # padded slots are >= n_top, hence masked
+    if pad:
+        idx_top = jnp.concatenate([idx_top, jnp.broadcast_to(idx_top[..., :1], idx_top.shape[:-1] + (pad,))], -1)
+    return c, nc, (_split(q, 1, c, nc), _split(t, 1, c, nc), _split(idx_top, 2, c, nc),
                    _split(lists.n_top, 2, c, nc))
 
 
-def _fwd_impl(q, k, v, t, lists, cfg, chunk, kt):
+def _fwd_impl(q, k, v, t, lists, cfg, chunk, kt, sub):
     tq = q.shape[1]
     if tq == 1:  # decode
         o, lse = _chunk_fwd_all_blocks(q, t, lists.idx, lists.count, k, v, cfg)
         return o, lse
-    c, nc, xs = _prep(q, t, lists, kt, chunk)
+    c, nc, xs = _prep(q, t, lists, kt, chunk, sub)
     w = window_width(k.shape[1], c, cfg)
 
     def body(_, x):
         qc, tc, it, nt = x
-        return None, _chunk_fwd(qc, tc, it, nt, k, v, cfg, w)
+        return None, _chunk_fwd(qc, tc, it, nt, k, v, cfg, w, sub)
 
     if nc == 1:  # decode / short prefill: no loop, so XLA does not thread the whole K/V through a while op
         o, lse = jax.tree.map(lambda a: a[None], body(None, jax.tree.map(lambda a: a[0], xs))[1])
@@ -260,44 +273,30 @@ def _fwd_impl(q, k, v, t, lists, cfg, chunk, kt):
     return _merge(o, 1, tq), _merge(lse, 2, tq)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _sparse_attention(q, k, v, t, lists, cfg, chunk, kt):
-    return _fwd_impl(q, k, v, t, lists, cfg, chunk, kt)[0].astype(q.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _sparse_attention(q, k, v, t, lists, cfg, chunk, kt, sub):
+    return _fwd_impl(q, k, v, t, lists, cfg, chunk, kt, sub)[0].astype(q.dtype)
 
 
-def _vjp_fwd(q, k, v, t, lists, cfg, chunk, kt):
-    o, lse = _fwd_impl(q, k, v, t, lists, cfg, chunk, kt)
+def _vjp_fwd(q, k, v, t, lists, cfg, chunk, kt, sub):
+    o, lse = _fwd_impl(q, k, v, t, lists, cfg, chunk, kt, sub)
     o = o.astype(q.dtype)
     return o, (q, k, v, t, lists, o, lse)
 
 
-def _vjp_bwd(cfg, chunk, kt, res, do):
+def _vjp_bwd(cfg, chunk, kt, sub, res, do):
     q, k, v, t, lists, o, lse = res
     tq = q.shape[1]
-    c, nc, xs = _prep(q, t, lists, kt, chunk)
+    c, nc, xs = _prep(q, t, lists, kt, chunk, sub)
     # padded (duplicated) queries get do = 0, so they contribute nothing
     do = jnp.pad(do, ((0, 0), (0, nc * c - tq), (0, 0), (0, 0)))
     xs = xs + (_split(o, 1, c, nc), jnp.moveaxis(do.reshape(do.shape[0], nc, c, *do.shape[2:]), 1, 0),
                _split(lse, 2, c, nc))
     w = window_width(k.shape[1], c, cfg)
-    b, _, hkv, _ = k.shape
-    bi = jnp.arange(b)[:, None, None, None, None]
-    gi = jnp.arange(hkv)[None, :, None, None, None]
 
     def body(carry, x):
-        dk, dv = carry
         qc, tc, it, nt, oc, doc, lc = x
-        dq, tok, dk_top, dv_top, dk_w, dv_w = _chunk_bwd(qc, tc, it, nt, k, v, oc, doc, lc, cfg, w)
-        dk = _scatter_add_blocks(dk, tok, dk_top)   # tok: the block starts of the gather
-        dv = _scatter_add_blocks(dv, tok, dv_top)
-        start = jnp.clip((tc[:, 0] // cfg.block_size - cfg.window_blocks + 1) * cfg.block_size, 0, k.shape[1] - w)
-
-        def add_band(acc, band, st):
-            cur = jax.lax.dynamic_slice_in_dim(acc, st, w, axis=0)
-            return jax.lax.dynamic_update_slice_in_dim(acc, cur + band, st, axis=0)
-
-        dk = jax.vmap(add_band)(dk, dk_w, start)
-        dv = jax.vmap(add_band)(dv, dv_w, start)
+        dq, dk, dv = _chunk_bwd(qc, tc, it, nt, k, v, oc, doc, lc, cfg, w, sub, *carry)
         return (dk, dv), dq
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -309,18 +308,14 @@ def _vjp_bwd(cfg, chunk, kt, res, do):
 _sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-def sparse_attention_xla(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, chunk: int = 32) -> jax.Array:
+def sparse_attention_xla(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, chunk: int = 8,
+                         sub: int = 4) -> jax.Array:
     """Attention of q [B,Tq,Hq,D] at positions t [B,Tq] over the blocks in `lists` (see select.py).
 
     k, v: [B,Tk,Hkv,D]. Returns [B,Tq,Hq,D] in q.dtype (fp32 math). Differentiable w.r.t. q, k, v.
+    chunk: queries per step; sub: top-k slots gathered per inner step (memory ~ chunk*sub*block*D per group).
     """
     kt = lists.idx.shape[-1] - cfg.window_blocks
+    sub = max(1, min(sub, kt))
     lists = jax.tree.map(jax.lax.stop_gradient, lists)
-    return _sparse_attention(q, k, v, t, lists, cfg, chunk, kt)
-
-
-def sparse_attention_xla_with_lse(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, chunk: int = 32):
-    """Forward only, also returning lse [B,Hkv,Tq,G]."""
-    kt = lists.idx.shape[-1] - cfg.window_blocks
-    o, lse = _fwd_impl(q, k, v, t, lists, cfg, chunk, kt)
-    return o.astype(q.dtype), lse
+    return _sparse_attention(q, k, v, t, lists, cfg, chunk, kt, sub)

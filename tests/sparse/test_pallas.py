@@ -28,7 +28,7 @@ def _lists(q, k, cfg=SMALL, q_offset=None):
     return lists, query_positions(q.shape[0], q.shape[1], k.shape[1], q_offset)
 
 
-@pytest.mark.parametrize("hq,hkv,min_rows", [(4, 2, None), (2, 1, 8), (3, 1, None)])
+@pytest.mark.parametrize("hq,hkv,min_rows", [(4, 2, None), (3, 1, 8)])  # no padding; G=3 padded to 8 rows
 def test_fwd_kernel_matches_its_reference(hq, hkv, min_rows):
     ks = jax.random.split(jax.random.key(hq), 3)
     q = jax.random.normal(ks[0], (2, 45, hq, 16))
@@ -73,7 +73,7 @@ def test_pallas_end_to_end_matches_reference(hq, hkv):
     assert_matches(pal, ref, q, k, v)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits", [3])  # 3 splits of the block list, merged by log-sum-exp
 def test_decode_kernel_matches_its_reference(num_splits):
     ks = jax.random.split(jax.random.key(3), 4)
     s = 90  # cache capacity: not a multiple of the block size (partial last block read in place)
