@@ -146,14 +146,15 @@ def predict_pos(model, lines: Sequence[str]) -> np.ndarray:
 
 
 def _run_ftrain(args: dict) -> None:
-    """Run data_pipeline.ftrain in a fresh interpreter (see its docstring for why); raise on failure."""
+    """Run data_pipeline.ftrain in a child interpreter with zero-filled malloc (see its docstring for why)."""
     import subprocess
     import sys
 
+    path = [str(Path(__file__).resolve().parent.parent)] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "MALLOC_PERTURB_": "255"}  # zero-filled malloc
     r = subprocess.run([sys.executable, "-m", "data_pipeline.ftrain", json.dumps(args)], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                           [str(Path(__file__).resolve().parent.parent)] +
-                           [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])})
+                       text=True, env=env)
     if r.returncode == 3:
         raise FloatingPointError(r.stderr.strip())
     if r.returncode != 0:

@@ -52,7 +52,7 @@ class ClassifierConfig:
     lr: float = 0.5
     word_ngrams: int = 2
     min_count: int = 1
-    epochs: int = 3
+    epochs: int = 6
     bucket: int = 262_144
     threshold: float = 0.5  # keep a document when P(pos) >= threshold
     rounds: int = 2  # 1 = train on the seeds only; each further round adds confident predictions from the pool
@@ -111,6 +111,7 @@ class SFTConfig:
     system_prompt: str = "You are a helpful assistant."
     max_turns: int = 3  # consecutive QA pairs of one section joined into one multi-turn conversation
     eval_fraction: float = 0.1
+    max_per_source: int = 1000  # the templated wiki QA would otherwise outnumber the real FAQs 50 to 1
     max_conversations: int = 20_000
 
     def __post_init__(self):
@@ -118,6 +119,7 @@ class SFTConfig:
         _check(self.max_turns >= 1, "sft.max_turns", f"must be >= 1, got {self.max_turns!r}")
         _check(0.0 <= self.eval_fraction < 1.0, "sft.eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
         _check(self.max_conversations >= 1, "sft.max_conversations", f"must be >= 1, got {self.max_conversations!r}")
+        _check(self.max_per_source >= 1, "sft.max_per_source", f"must be >= 1, got {self.max_per_source!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,13 @@
-"""Train (and optionally quantize) a fastText classifier in a fresh process: `python -m data_pipeline.ftrain ARGS`.
+"""Train (or quantize) a fastText classifier in a child process: `python -m data_pipeline.ftrain ARGS`.
 
-Why a separate process: with fasttext-numpy2 0.10.4, `train_supervised` run inside a process whose heap has seen
-heavy use (tokenizing a corpus) fails at random with "Encountered NaN" even at tiny learning rates, while the
-same file always trains in a fresh process; predictions are unaffected. So training runs here, on a clean heap,
-single-threaded for a deterministic model. ARGS is one JSON object, either {input, output, params}
-(train_supervised keyword arguments) or {quantize_from, output, thread} (product-quantize a trained model to .ftz).
+Why a child process: fasttext-numpy2 0.10.4 leaves part of a freshly trained model uninitialised (heap memory
+that malloc hands back unzeroed: its output matrix showed denormal garbage after a 1e-12 learning-rate run), so
+training was non-deterministic and failed at random with "Encountered NaN" even at tiny learning rates, more often
+in a process whose heap had seen heavy use. The parent starts this module with glibc's MALLOC_PERTURB_=255, which
+makes every malloc return zero-filled memory: the model is then initialised as fastText intends, training is
+deterministic (single thread, fixed seed) and the NaNs are gone. Loading and predicting are unaffected and stay in
+the parent. ARGS is one JSON object, either {input, output, params} (train_supervised keyword arguments) or
+{quantize_from, output, thread} (product-quantize a trained model to .ftz).
 """
 
 from __future__ import annotations

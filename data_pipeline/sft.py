@@ -59,15 +59,36 @@ def parse_rst_faq(text: str) -> list[QA]:
         if not title.endswith("?"):
             section = title
             continue
-        answer = rst_clean("\n".join(lines[li + 2:end]))
+        answer = unwrap(rst_clean("\n".join(lines[li + 2:end])))
         if answer:
             out.append((section, rst_clean(title), answer))
     return out
 
 
+# ---------------------------------------------------------------- unwrapping
+_LIST_OR_CODE = re.compile(r"^\s|^[*\-+•]\s|^\d+[.)]\s|::$")
+
+
+def unwrap(text: str) -> str:
+    """Join the hard-wrapped lines of each prose paragraph (manuals wrap at ~70 columns): with a space in English,
+    with nothing between CJK characters. Indented blocks (code, nested lists) and list items stay as they are."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = block.split("\n")
+        if len(lines) > 1 and not any(_LIST_OR_CODE.search(line) for line in lines):
+            joined = lines[0]
+            for line in lines[1:]:
+                cjk = S.cjk_ratio(joined[-1:]) > 0 and S.cjk_ratio(line[:1]) > 0
+                joined += ("" if cjk else " ") + line.strip()
+            block = joined
+        out.append(block)
+    return "\n\n".join(out)
+
+
 # ---------------------------------------------------------------- plain text (Debian FAQ)
-_DEB_Q = re.compile(r"^(\d+)\.(\d+(?:\.\d+)*)\. (.*)$")
-_DEB_CHAPTER = re.compile(r"^(\d+)\. (\S.*)$")
+# "1.1.<NBSP>What is this FAQ?" and "Chapter<NBSP>1.<NBSP>Definitions" at column 0 (\s matches the NBSP)
+_DEB_Q = re.compile(r"^(\d+)\.(\d+(?:\.\d+)*)\.\s(.*)$")
+_DEB_CHAPTER = re.compile(r"^(?:Chapter\s|第\s*)?(\d+)\.?\s*(?:章)?\s(\S.*)$")
 
 
 def parse_debian_faq(text: str) -> list[QA]:
@@ -98,8 +119,9 @@ def parse_debian_faq(text: str) -> list[QA]:
         q = " ".join(title).strip()
         sep = "" if S.cjk_ratio(q) > 0.2 else " "
         q = sep.join(title).strip() if sep == "" else q
+        body = [re.sub(r"^[ \xa0]+", lambda m: " " * len(m.group()), b) for b in body]  # NBSP indents too
         answer = textwrap.dedent("\n".join(body)).strip()
-        answer = re.sub(r"\n{3,}", "\n\n", answer)
+        answer = unwrap(re.sub(r"\n{3,}", "\n\n", answer))
         if q.endswith(("?", "？", "?!", "？！")) and answer:
             out.append((chapter, q, answer))
     return out
@@ -217,7 +239,8 @@ def build_sft(out_dir: str | Path, cfg: DataConfig, tok: Tokenizer, *, report: O
             continue
         lang, _, reader = QA_SOURCES[n]
         qas = reader(root, report) if QA_SOURCES[n][1] else reader(root, report, cfg.seed)
-        convs.extend(conversations(qas, n, lang, cfg.sft.system_prompt, cfg.sft.max_turns))
+        convs.extend(list(conversations(qas, n, lang, cfg.sft.system_prompt, cfg.sft.max_turns))
+                     [: cfg.sft.max_per_source])
     if not convs:
         raise ValueError(f"no SFT conversations: sources {names} unavailable: {unavailable}")
     convs = convs[: cfg.sft.max_conversations]

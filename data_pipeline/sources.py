@@ -288,6 +288,23 @@ def _read_package_metadata(ctx: SourceContext) -> Iterator[str]:
             yield text
 
 
+def _read_package_code(ctx: SourceContext) -> Iterator[str]:
+    # Python files of the installed third-party distributions: code from other projects than the stdlib.
+    files = []
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata.get("Name") or "").lower()
+        if name in ("minicpm-jax",):
+            continue
+        files.extend((name, str(f), dist) for f in dist.files or () if str(f).endswith(".py")
+                     and "/tests/" not in str(f) and "/test/" not in str(f))
+    for _, f, dist in shuffled(files, ctx, "package_code", key=lambda x: (x[0], x[1])):
+        p = Path(dist.locate_file(f))
+        if p.is_file() and p.stat().st_size <= 1_000_000:
+            text = read_text_file(p, ctx.report)
+            if text and text.strip():
+                yield text
+
+
 # ---------------------------------------------------------------- system tier (Debian host files)
 def _doc_files(patterns: tuple[str, ...]) -> list[Path]:
     base = Path("/usr/share/doc")
@@ -460,6 +477,9 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("package_licences", "en", "raw", "pip", _read_package_licences,
            "licence files of the installed Python distributions", "various (the licence texts themselves)",
            joiner=None),
+    Source("package_code", "code", "raw", "pip", _read_package_code,
+           "Python files of the installed third-party distributions", "various (each package's own)",
+           heldout=True, joiner=None),
     Source("package_metadata", "en", "raw", "pip", _read_package_metadata,
            "METADATA (headers + README) of the installed Python distributions", "various (each package's own)",
            heldout=True, joiner=None),

@@ -59,6 +59,9 @@ class _SPM:
         i = self.sp.piece_to_id(piece)
         return i if self.sp.id_to_piece(i) == piece else None
 
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
@@ -108,6 +111,9 @@ class _HF:
 
     def piece_to_id(self, piece: str) -> Optional[int]:
         return self.tok.token_to_id(piece)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.id_to_token(i) or f"[PAD{i}]"
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -189,8 +195,10 @@ class Tokenizer:
             raise ValueError(f"tokenizer at {path} lacks the ChatML tokens {missing}")
         self.im_start_id = self._specials[IM_START]
         self.im_end_id = self._specials[IM_END]
-        # Control strings (<s>, </s>) are parsed only when asked (parse_special=True), as in HF / llama.cpp.
-        self._controls = {BOS: self.bos_id, EOS: self.eos_id}
+        # Control and unknown pieces (<s>, </s>, <unk>) are parsed from text only when asked (parse_special=True),
+        # as llama.cpp (special=True) and HF do.
+        self._controls = {p: i for i, (p, _, t) in enumerate(backend.pieces()) if t in (CONTROL, UNKNOWN)}
+        self._controls.update({BOS: self.bos_id, EOS: self.eos_id})
         self._split_re = self._make_split(self._specials)
         self._split_all_re = self._make_split({**self._specials, **self._controls})
         self._jinja = None
@@ -227,8 +235,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, *,
                parse_special: bool = False) -> list[int]:
-        """Token ids of `text`. `<|im_start|>`/`<|im_end|>` in the text always become their ids; `<s>`/`</s>`
-        only with parse_special=True (as llama.cpp `special=True` / HF)."""
+        """Token ids of `text`. `<|im_start|>`/`<|im_end|>` in the text always become their ids; control and
+        unknown pieces (`<s>`, `</s>`, `<unk>`) only with parse_special=True (as llama.cpp `special=True` / HF)."""
         ids = [self.bos_id] if add_bos else []
         for frag, sid, _ in self._fragments(text, parse_special):
             if sid is not None:
@@ -269,7 +277,7 @@ class Tokenizer:
         return self._b.decode([int(i) for i in ids if int(i) not in drop])
 
     def id_to_piece(self, i: int) -> str:
-        return self.pieces()[i][0] if self.kind != "sentencepiece" else self._b.sp.id_to_piece(int(i))
+        return self._b.id_to_piece(int(i))
 
     # ------------------------------------------------------------------ chat
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
@@ -422,16 +430,17 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, character_cove
 
     import sentencepiece as spm
 
-    def lines():
+    def lines(texts):
         for t in texts:
             for line in t.split("\n"):
                 if line.strip():
                     yield line
 
+    texts = _fit_characters(list(texts), vocab_size, character_coverage)
     buf = io.BytesIO()
     spm.set_random_generator_seed(seed)  # the trainer samples/shuffles lines with it
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        sentence_iterator=lines(texts), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
         normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         user_defined_symbols=[IM_START, IM_END], add_dummy_prefix=add_dummy_prefix,
@@ -442,6 +451,36 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, character_cove
         log.warning("tokenizer: trained %d pieces, asked for %d (the corpus sample is too small for more)",
                     tok.vocab_size, vocab_size)
     return tok
+
+
+def _fit_characters(texts: list[str], vocab_size: int, coverage: float) -> list[str]:
+    """Make the training text fit a small vocabulary. SentencePiece must keep every character within
+    `character_coverage` (>= 0.98) as a piece and refuses to train when they outnumber the vocabulary, which a small
+    vocabulary on Chinese text hits (thousands of distinct characters). Then only the most frequent characters,
+    half the room left after the 256 byte pieces and the specials, stay in the training text; the others become
+    spaces there, and byte fallback encodes them at run time."""
+    import collections
+
+    room = (vocab_size - 256 - 5) // 2
+    if room <= 0:
+        raise ValueError(f"data.vocab_size {vocab_size} is too small: it needs 256 byte pieces and 5 specials")
+    counts: collections.Counter = collections.Counter()
+    for t in texts:
+        counts.update(t)
+    ranked = [c for c, _ in counts.most_common() if c not in " \n"]
+    total = sum(counts[c] for c in ranked)
+    need, acc = 0, 0
+    for c in ranked:  # characters SentencePiece would require at this coverage
+        if acc >= coverage * total:
+            break
+        acc += counts[c]
+        need += 1
+    if need <= room:
+        return texts
+    log.info("tokenizer: %d characters needed at coverage %.4f but a %d-piece vocabulary has room for %d; the rest "
+             "are byte-fallback", need, coverage, vocab_size, room)
+    table = {ord(c): " " for c in ranked[room:]}
+    return [t.translate(table) for t in texts]
 
 
 # ====================================================================== SentencePiece -> tokenizer.json
