@@ -55,7 +55,10 @@ def select_blocks(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, q_offset=Non
     validate_shapes(q, k)
     if impl == "reference":
         return select_blocks_reference(q, k, cfg, q_offset=q_offset)
-    return jax.jit(select_blocks_xla, static_argnames=("cfg", "chunk"))(q, k, cfg, q_offset=q_offset, chunk=chunk)
+    return _select_blocks_xla_jit(q, k, cfg, q_offset=q_offset, chunk=chunk)
+
+
+_select_blocks_xla_jit = jax.jit(select_blocks_xla, static_argnames=("cfg", "chunk"))
 
 
 def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseConfig, impl: str = "reference", *,

@@ -87,8 +87,18 @@ def kernel_scores(q: jax.Array, kc: jax.Array, t: jax.Array, cfg: SparseConfig, 
         vis = (j[None, None, :] * st + ks - 1) <= t[:, :, None]  # [B, C, NK]
         if cnt is not None:
             vis = vis & (j[None, None, :] < cnt[:, None, None])
-        kg = kcx.astype(jnp.float32).transpose(0, 2, 1, 3)       # [B, Hkv, NK, D]
-        lg = jnp.einsum("bhmd,bhjd->bhmj", qm, kg).reshape(b, hkv, c, g, nk) * scale
+        if c * g <= 64 and hkv <= 4:
+            # Decode: few query rows. A block-diagonal query [C*Hq, Hkv*D] against the kernels as they lie,
+            # [NK, Hkv*D], reads them once and contiguously; transposing them to head-major first would copy
+            # the whole compressed cache every step (Hkv x more FLOPs, but FLOPs are not what decode waits on).
+            eye = jnp.eye(hkv, dtype=jnp.float32)
+            qbd = (qm[:, :, :, None, :] * eye[None, :, None, :, None]).transpose(0, 2, 1, 3, 4)
+            lg = jnp.einsum("bme,bje->bmj", qbd.reshape(b, c * g * hkv, hkv * d),
+                            kcx.astype(jnp.float32).reshape(b, nk, hkv * d))
+            lg = lg.reshape(b, c, g, hkv, nk).transpose(0, 3, 1, 2, 4) * scale
+        else:
+            kg = kcx.astype(jnp.float32).transpose(0, 2, 1, 3)   # [B, Hkv, NK, D]
+            lg = jnp.einsum("bhmd,bhjd->bhmj", qm, kg).reshape(b, hkv, c, g, nk) * scale
         return jnp.where(vis[:, None, :, None, :], lg, -jnp.inf), vis
 
     l1, vis1 = logits_and_vis(kc, cfg.kernel_size, cfg.kernel_stride, kernel_count)
