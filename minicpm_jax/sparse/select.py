@@ -77,6 +77,8 @@ def kernel_scores(q: jax.Array, kc: jax.Array, t: jax.Array, cfg: SparseConfig, 
     b, c, hq, d = q.shape
     hkv = kc.shape[2]
     g = hq // hkv
+    if kc.shape[1] == 0:  # shorter than one kernel: nothing to score, every block scores 0
+        return jnp.zeros((b, hkv, c, 0), jnp.float32)
     scale = 1.0 / math.sqrt(d)
     # [B, Hkv, C*G, D]: batch dims lead so the logits are one batched matmul per KV group
     qm = q.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, c * g, d).astype(jnp.float32)

@@ -318,4 +318,7 @@ def sparse_attention_xla(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, ch
     kt = lists.idx.shape[-1] - cfg.window_blocks
     sub = max(1, min(sub, kt))
     lists = jax.tree.map(jax.lax.stop_gradient, lists)
+    if k.shape[1] < cfg.block_size:  # block gathers read whole blocks; pad a tiny sequence (keys > t are masked)
+        pad = ((0, 0), (0, cfg.block_size - k.shape[1]), (0, 0), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
     return _sparse_attention(q, k, v, t, lists, cfg, chunk, kt, sub)

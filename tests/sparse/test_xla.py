@@ -75,3 +75,12 @@ def test_xla_bf16_inputs_accumulate_in_fp32():
     out = infllm_v2_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), SMALL, "xla")
     assert out.dtype == jnp.bfloat16
     assert rel_err(out.astype(jnp.float32), ref) < 3e-2
+
+
+@pytest.mark.parametrize("t,tq", [(3, 3), (17, 5)])
+def test_sequences_shorter_than_a_kernel_or_block(t, tq):
+    from sparse_helpers import planted
+    q, k, v = planted(0, 2, t, 4, 2, 16, SMALL, tq=tq)
+    ref = infllm_v2_attention(q, k, v, SMALL, "reference")
+    for impl in ("xla", "pallas"):
+        assert rel_err(infllm_v2_attention(q, k, v, SMALL, impl, interpret=True), ref) < 1e-5, impl
