@@ -1,15 +1,18 @@
 """InfLLM v2 stage 4 in plain XLA: memory-bounded, differentiable (custom_vjp), runs anywhere.
 
 Queries are processed in chunks of C tokens (lax.scan). Each chunk attends two disjoint key sets whose softmax is
-merged exactly:
-  * the top-k picks (init blocks included): gathered per (KV group, token), [C, topk, block, D] per group;
-    blocks strictly before the window are fully visible, only an init block that is the query's own block needs
-    the causal mask;
+merged exactly (online softmax):
   * the local window: the same contiguous band of keys for every token of the chunk (blocks qb-n+1 .. qb), so it
-    is a dynamic_slice, not a gather, and one [C*G, D] x [D, band] matmul per group.
-Nothing is padded: block gathers clamp to the sequence and every key is masked by its absolute position, so a
-block list may point at a partial last block. Gradients: the backward pass recomputes the probabilities per chunk
-from the saved log-sum-exp (flash-attention style) and scatter-adds dk/dv, so residuals are O(T), not O(T*6K).
+    is a dynamic_slice, not a gather, and one [C*G, D] x [D, band] matmul per group;
+  * the top-k picks (init blocks included), `sub` list slots at a time: one gather slice per (group, token,
+    block) into [C, sub, block, D], then a batched [G, D] x [D, sub*block] matmul per token. Picks lie strictly
+    before the window, so only an init block that is the query's own block needs the causal mask.
+Decode (one query) gathers every listed block at once instead (_chunk_fwd_all_blocks).
+Nothing is padded (except a sequence shorter than one block): a partial last block is gathered from a clamped
+start and every key is masked by its absolute position. Gradients: the backward pass recomputes the probabilities
+per chunk from the saved log-sum-exp (flash-attention style) and scatter-adds dk/dv, so residuals are O(T).
+Matmuls use the default precision: exact fp32 on CPU; on GPU XLA may use TF32 for fp32 inputs (the Pallas
+kernels are the GPU path).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from minicpm_jax.sparse.config import SparseConfig
 from minicpm_jax.sparse.select import BlockLists
 
-_HI = None  # default precision: fp32 on CPU; see note in module docstring
+_HI = None  # default matmul precision (see the module docstring)
 
 
 def window_width(tk: int, chunk: int, cfg: SparseConfig) -> int:
