@@ -172,7 +172,8 @@ def dense_attention(interpret):
     def flash(q, k, v):
         g = q.shape[2] // k.shape[2]
         k_, v_ = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-        return gpu_attention.mha(q, k_, v_, segment_ids=None, causal=True, interpret=interpret)
+        return gpu_attention.mha(q, k_, v_, segment_ids=None, sm_scale=1.0 / math.sqrt(q.shape[-1]), causal=True,
+                                 interpret=interpret)
 
     return "triton-flash", flash, dec
 
