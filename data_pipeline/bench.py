@@ -25,7 +25,8 @@ from data_pipeline.prepare import PreparedData
 
 def bench_scoring(prepared: PreparedData, max_docs: int = 4000) -> dict:
     clf = prepared.classifier()
-    texts = [d["text"] for d in C.iter_docs(prepared.workdir / "corpus")][:max_docs]
+    texts = [d["text"] for d in C.iter_docs(prepared.workdir / "corpus")]
+    texts = texts[:: max(1, len(texts) // max_docs)][:max_docs]  # every source, not the first one only
     clf.score(texts[:10])  # load model and tokenizer outside the timing
     t0 = time.perf_counter()
     lines = clf.preprocess.many(texts)
@@ -67,26 +68,13 @@ def bench_pipeline(prepared: PreparedData, cfg: DataConfig, workers=(0, 1, 2), s
         for w in workers:
             c = dataclasses.replace(cfg, num_workers=w, tokenizer=dataclasses.replace(
                 cfg.tokenizer, path=str(prepared.tokenizer_dir)))
-            if path_name == "text":
-                it = _text_iterator(inputs, c, prepared)
-            else:
-                it = make_train_iterator(inputs, c, process_index=0, process_count=1)
+            it = make_train_iterator(inputs, c, process_index=0, process_count=1,
+                                     classifier=prepared.classifier_dir if path_name == "text" else None)
             tps, pad, first = _measure(it, seconds)
             if hasattr(it, "close"):
                 it.close()
             rows.append({"path": path_name, "workers": w, "tokens_per_s": tps, "padding": pad, "first_batch_s": first})
     return rows
-
-
-def _text_iterator(shards: dict, cfg: DataConfig, prepared: PreparedData):
-    """Full path: raw text records, scored in the pipeline by the prepared classifier."""
-    from data_pipeline.pipeline import Inputs, _finish, _rows, mixture, _component_paths, _min_score
-
-    inputs = Inputs(train=shards, eval={}, tokenizer=prepared.tokenizer, classifier=prepared.classifier())
-    comp = mixture(cfg)[0]
-    rows = _rows(_component_paths(comp, shards), min_score=_min_score(comp, cfg), cfg=cfg, inputs=inputs,
-                 process_index=0, process_count=1, seed=cfg.seed, num_epochs=None, shuffle=True)
-    return iter(_finish(rows, cfg, inputs, drop_remainder=True, num_workers=cfg.num_workers))
 
 
 def run(prepared: PreparedData, cfg: DataConfig, *, train_tokens_per_s: Optional[float] = None,

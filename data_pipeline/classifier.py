@@ -175,12 +175,16 @@ def _train_fasttext(lines: list[str], labels: list[bool], cfg: ClassifierConfig,
             for i in order:
                 f.write(f"{POS if labels[i] else NEG} {lines[i]}\n")
         lr = cfg.lr
+        n_tokens = sum(line.count(" ") + 1 for line in lines)
+        epochs = min(100, max(cfg.epochs, -(-cfg.min_updates // max(n_tokens, 1))))
         for attempt in range(3):
-            params = dict(dim=cfg.dim, lr=lr, wordNgrams=cfg.word_ngrams, minCount=cfg.min_count, epoch=cfg.epochs,
+            params = dict(dim=cfg.dim, lr=lr, wordNgrams=cfg.word_ngrams, minCount=cfg.min_count, epoch=epochs,
                           bucket=cfg.bucket, thread=cfg.threads, seed=seed, verbose=0, loss="softmax")
             try:
                 _run_ftrain({"input": str(path), "output": str(model_path), "params": params})
-                return fasttext.load_model(str(model_path))
+                model = fasttext.load_model(str(model_path))
+                model.train_epochs = epochs  # what was used, for the report
+                return model
             except FloatingPointError as e:  # SGD diverged ("Encountered NaN"): halve the learning rate
                 if attempt == 2:
                     raise RuntimeError(f"fastText training diverged down to lr={lr}: {e}; lower data.classifier.lr")
@@ -301,7 +305,8 @@ def train_classifier(corpus_dir: str | Path, out_dir: str | Path, cfg: DataConfi
         model = _train_fasttext([train.lines[i] for i in bp + bn], [True] * len(bp) + [False] * len(bn), ccfg,
                                 out_dir, cfg.seed)
         t_train = time.time() - t1
-        info = {"round": r, "train_pos": len(bp), "train_neg": len(bn), "train_seconds": round(t_train, 2)}
+        info = {"round": r, "train_pos": len(bp), "train_neg": len(bn), "epochs": model.train_epochs,
+                "train_seconds": round(t_train, 2)}
         if r > 0:
             info.update(promoted_pos=len(pos) - len(seed_pos), promoted_neg=len(neg) - len(seed_neg),
                         promoted_agree_with_source_label=round(float(np.mean(agree)), 4) if agree else None)

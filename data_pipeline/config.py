@@ -53,6 +53,8 @@ class ClassifierConfig:
     word_ngrams: int = 2
     min_count: int = 1
     epochs: int = 6
+    min_updates: int = 4_000_000  # at least this many SGD token updates (epochs x training tokens): a small
+    # training set gets more epochs (up to 100) instead of an underfit model whose scores all sit near 0.5
     bucket: int = 262_144
     threshold: float = 0.5  # keep a document when P(pos) >= threshold
     rounds: int = 2  # 1 = train on the seeds only; each further round adds confident predictions from the pool
@@ -68,7 +70,8 @@ class ClassifierConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "heldout_sources", _tuple(self.heldout_sources))
-        for f in ("dim", "word_ngrams", "min_count", "epochs", "bucket", "rounds", "max_train_docs", "threads"):
+        for f in ("dim", "word_ngrams", "min_count", "epochs", "min_updates", "bucket", "rounds", "max_train_docs",
+                  "threads"):
             v = getattr(self, f)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"classifier.{f}",
                    f"must be an integer >= 1, got {v!r}")

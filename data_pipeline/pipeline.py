@@ -71,7 +71,12 @@ class KeepDocument(grain.transforms.Filter):
     def filter(self, doc) -> bool:
         if "_bad" in doc:
             return False
-        return self.min_score <= 0 or float(doc.get("score", 0.0)) >= self.min_score
+        if self.min_score <= 0:
+            return True
+        if "score" not in doc:
+            raise ValueError(f"a record from {doc.get('source', '?')} has no quality score to compare with "
+                             f"min_score {self.min_score}; give a classifier or set the component's min_score: 0.0")
+        return float(doc["score"]) >= self.min_score
 
 
 class TokenizeDocument(grain.transforms.Map):
@@ -186,8 +191,9 @@ def _source_name(path: str) -> str:
     return name.split("-00")[0]
 
 
-def resolve_inputs(prepared_or_paths: Paths, cfg: DataConfig) -> Inputs:
-    """PreparedData | a prepared workdir | a directory or glob of shards | a list of paths | {source: [paths]}."""
+def resolve_inputs(prepared_or_paths: Paths, cfg: DataConfig, classifier: Any = None) -> Inputs:
+    """PreparedData | a prepared workdir | a directory or glob of shards | a list of paths | {source: [paths]}.
+    `classifier` (a QualityClassifier or its directory) scores text records that carry no score."""
     from data_pipeline.prepare import PreparedData, load_prepared
 
     x = prepared_or_paths
@@ -208,7 +214,11 @@ def resolve_inputs(prepared_or_paths: Paths, cfg: DataConfig) -> Inputs:
         from data_pipeline.tokenizer import Tokenizer
 
         tok = Tokenizer.load(cfg.tokenizer.path)
-    return Inputs(train=train, eval=dict(train), tokenizer=tok)
+    if isinstance(classifier, (str, Path)):
+        from data_pipeline.classifier import QualityClassifier
+
+        classifier = QualityClassifier.load(classifier)
+    return Inputs(train=train, eval=dict(train), tokenizer=tok, classifier=classifier)
 
 
 def _component_paths(comp: MixtureComponent, available: Mapping[str, list[str]]) -> list[str]:
@@ -241,7 +251,8 @@ def mixture(cfg: DataConfig) -> tuple[MixtureComponent, ...]:
 def _min_score(comp: MixtureComponent, cfg: DataConfig) -> float:
     if comp.min_score is not None:
         return comp.min_score
-    return cfg.classifier.threshold if cfg.filter_quality else 0.0
+    # SFT conversations are not quality-scored: the classifier judges pretraining documents
+    return cfg.classifier.threshold if cfg.filter_quality and cfg.task == "pretrain" else 0.0
 
 
 # ---------------------------------------------------------------- datasets
@@ -303,11 +314,12 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> tupl
 
 def make_train_dataset(prepared_or_paths: Paths, cfg: DataConfig, *, process_index: Optional[int] = None,
                        process_count: Optional[int] = None, num_epochs: Optional[int] = None,
-                       num_workers: Optional[int] = None) -> grain.IterDataset:
+                       num_workers: Optional[int] = None, classifier: Any = None) -> grain.IterDataset:
     """The training IterDataset (see module doc). num_epochs None = infinite; a finite run ends with a padded
-    partial batch. num_workers overrides cfg.num_workers."""
+    partial batch. num_workers overrides cfg.num_workers. `classifier` (QualityClassifier or directory) scores raw
+    text records in the pipeline; prepared data brings its own."""
     pi, pc = _process(process_index, process_count)
-    inputs = resolve_inputs(prepared_or_paths, cfg)
+    inputs = resolve_inputs(prepared_or_paths, cfg, classifier)
     comps = mixture(cfg)
     parts = []
     for k, comp in enumerate(comps):
@@ -323,13 +335,14 @@ def make_train_dataset(prepared_or_paths: Paths, cfg: DataConfig, *, process_ind
 
 def make_train_iterator(prepared_or_paths: Paths, cfg: DataConfig, *, process_index: Optional[int] = None,
                         process_count: Optional[int] = None, num_epochs: Optional[int] = None,
-                        num_workers: Optional[int] = None) -> grain.DatasetIterator:
+                        num_workers: Optional[int] = None, classifier: Any = None) -> grain.DatasetIterator:
     """Iterator of training batches; supports get_state()/set_state() and grain.checkpoint.CheckpointSave/Restore.
 
     process_index / process_count default to jax.process_index() / jax.process_count().
     """
     return iter(make_train_dataset(prepared_or_paths, cfg, process_index=process_index,
-                                   process_count=process_count, num_epochs=num_epochs, num_workers=num_workers))
+                                   process_count=process_count, num_epochs=num_epochs, num_workers=num_workers,
+                                   classifier=classifier))
 
 
 def make_eval_dataset(prepared_or_paths: Paths, cfg: DataConfig, *, process_index: Optional[int] = None,

@@ -161,6 +161,14 @@ def default_eval_sources(manifest: dict) -> list[str]:
             if m["split_docs"].get("eval", 0) > 0 and m.get("label") != "raw"]
 
 
+def _where(path: Path, workdir: Path) -> str:
+    """Relative to the workdir when inside it (the workdir can move), else absolute (a user's tokenizer)."""
+    try:
+        return str(Path(path).resolve().relative_to(workdir.resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
 def _relative(workdir: Path, shards: dict[str, list[Path]]) -> dict[str, list[str]]:
     return {k: [str(Path(p).relative_to(workdir)) for p in v] for k, v in shards.items()}
 
@@ -293,8 +301,8 @@ def prepare_data(workdir: str | Path, cfg: DataConfig, *, progress: bool = True)
     eval_texts = [d["text"] for d in C.iter_docs(corpus_dir, list(evals) or None, split=None)][:2000] \
         if cfg.task == "pretrain" else []
     summary = {
-        "task": cfg.task, "workdir": str(w.resolve()), "tokenizer_dir": os.path.relpath(tok_dir, w),
-        "classifier_dir": os.path.relpath(clf_dir, w) if clf_dir else None,
+        "task": cfg.task, "workdir": str(w.resolve()), "tokenizer_dir": _where(tok_dir, w),
+        "classifier_dir": _where(clf_dir, w) if clf_dir else None,
         "train_shards": _relative(w, train), "eval_shards": _relative(w, evals),
         "corpus": {"sources": {n: {k: m[k] for k in ("docs", "bytes", "lang", "label", "tier", "heldout",
                                                       "split_docs")}

@@ -514,8 +514,11 @@ def spm_to_hf_json(model_proto: bytes) -> str:
     tok.decoder = decoders.Sequence(decs)
     special = [AddedToken(p.piece, special=True, normalized=False)
                for p in proto.pieces if p.type in (CONTROL, UNKNOWN)]
-    user = [AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces if p.type == USER_DEFINED]
-    tok.add_special_tokens(special + user)
+    # user-defined pieces (the ChatML markers) stay non-special added tokens: matched in any text, like
+    # SentencePiece's USER_DEFINED pieces (and so typed USER_DEFINED again when read back)
+    user = [AddedToken(p.piece, special=False, normalized=False) for p in proto.pieces if p.type == USER_DEFINED]
+    tok.add_special_tokens(special)
+    tok.add_tokens(user)
     return tok.to_str()
 
 
