@@ -244,7 +244,8 @@ def timing(lens, pk, smoke, interpret):
     print(f"   {'T':>6} | {'select':>7} {'sparse fwd':>16} {'dense fwd':>16} {'ratio':>6} | {'sparse f+b':>16} "
           f"{'dense f+b':>16} {'ratio':>6} | {'sparse dec':>14} {'dense dec':>14} {'ratio':>6}")
     for (t, ts, tf, tdf, tfb, tdfb, tsd, tdd, sfl, dfl, sb, db) in rows:
-        print(f"   {(str(t // 1024) + 'K') if t >= 1024 else t:>6} | {ts * 1e3:>7.2f} {tf * 1e3:>8.2f} ({sfl / tf / fl:>4.0%}) "
+        tl = f"{t // 1024}K" if t >= 1024 else str(t)
+        print(f"   {tl:>6} | {ts * 1e3:>7.2f} {tf * 1e3:>8.2f} ({sfl / tf / fl:>4.0%}) "
               f"{tdf * 1e3:>8.2f} ({dfl / tdf / fl:>4.0%}) {(ts + tf) / tdf:>6.3f} | "
               f"{tfb * 1e3:>8.2f} ({3.5 * sfl / tfb / fl:>4.0%}) {tdfb * 1e3:>8.2f} ({3.5 * dfl / tdfb / fl:>4.0%}) "
               f"{(ts + tfb) / tdfb:>6.3f} | {tsd * 1e3:>6.3f} ({sb / tsd / bw:>4.0%}) {tdd * 1e3:>6.3f} "

@@ -64,7 +64,8 @@ _select_blocks_xla_jit = jax.jit(select_blocks_xla, static_argnames=("cfg", "chu
 def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseConfig, impl: str = "reference", *,
                         segment_ids=None, q_score: Optional[jax.Array] = None, k_score: Optional[jax.Array] = None,
                         q_offset=None, chunk: Optional[int] = None, sub: int = 4, select_chunk: int = 256,
-                        interpret=None, pallas_backend: Optional[str] = None, mesh=None, batch_axes=None, head_axes=None) -> jax.Array:
+                        interpret=None, pallas_backend: Optional[str] = None, mesh=None, batch_axes=None,
+                        head_axes=None) -> jax.Array:
     """InfLLM v2 sparse attention (always sparse; the caller applies `cfg.use_sparse(kv_len)`).
 
     q: [B,Tq,Hq,D] post-RoPE; k, v: [B,Tk,Hkv,D]; queries are the last Tq positions (or start at q_offset).

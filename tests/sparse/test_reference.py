@@ -62,7 +62,8 @@ def test_reference_selection_matches_spec_brute_force(hq, hkv):
 
 
 def test_topk_counts_init_blocks_and_window_is_separate():
-    cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=3, dense_len=0)
+    cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=3,
+                       dense_len=0)
     q, k, _ = planted(0, 1, 160, 2, 1, 8, cfg)
     sel = np.asarray(select_blocks(q, k, cfg, impl="reference"))[0, 0]  # [T, NB]
     for t in range(160):
@@ -78,7 +79,8 @@ def test_topk_counts_init_blocks_and_window_is_separate():
 @pytest.mark.parametrize("hq,hkv", [(1, 1), (4, 2), (8, 1), (16, 1)])
 def test_sparse_equals_dense_when_everything_is_covered(impl, hq, hkv):
     # topk + window cover all 7 blocks of 100 tokens: InfLLM v2 must be exactly causal attention.
-    cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=64, topk=4, dense_len=0)
+    cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=64, topk=4,
+                       dense_len=0)
     t = 100 if impl != "pallas" else 40
     ks = jax.random.split(jax.random.key(hq * 10 + hkv), 3)
     q = jax.random.normal(ks[0], (1, t, hq, 16))
