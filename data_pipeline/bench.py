@@ -86,10 +86,11 @@ def run(prepared: PreparedData, cfg: DataConfig, *, train_tokens_per_s: Optional
     print(f"machine: {os.cpu_count()} CPUs, load average {load:.2f}; batch {cfg.batch_size} x seq_len {cfg.seq_len}")
     sc = bench_scoring(prepared)
     print(f"\nscoring ({sc['docs']} docs, {sc['mb']:.1f} MB):")
-    print(f"  Python preprocessing  {sc['preprocess_docs_per_s']:9,.0f} docs/s")
-    print(f"  fastText predict      {sc['predict_docs_per_s']:9,.0f} docs/s")
-    print(f"  end to end            {sc['end_to_end_docs_per_s']:9,.0f} docs/s  "
-          f"(preprocessing is {100 * sc['preprocess_share']:.0f}% of the time)")
+    mb_per_doc = sc["mb"] / sc["docs"]
+    for label, key in (("Python preprocessing", "preprocess_docs_per_s"), ("fastText predict", "predict_docs_per_s"),
+                       ("end to end", "end_to_end_docs_per_s")):
+        print(f"  {label:22s}{sc[key]:9,.0f} docs/s  {sc[key] * mb_per_doc:6.1f} MB/s")
+    print(f"  (preprocessing is {100 * sc['preprocess_share']:.0f}% of the scoring time)")
     rows = bench_pipeline(prepared, cfg, workers, seconds)
     if train_tokens_per_s is None and train_step is not None:
         train_tokens_per_s = train_step(cfg.batch_size, cfg.seq_len)

@@ -18,7 +18,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -281,9 +281,10 @@ def train_classifier(corpus_dir: str | Path, out_dir: str | Path, cfg: DataConfi
     labelled = [i for i, y in enumerate(train.labels) if y is not None]
     rng.shuffle(labelled)
     n_seed = max(2, int(round(len(labelled) * ccfg.seed_fraction)))
-    seeds = set(labelled[:n_seed])
-    seed_pos = [i for i in seeds if train.labels[i]]
-    seed_neg = [i for i in seeds if not train.labels[i]]
+    seed_list = labelled[:n_seed]
+    seeds = set(seed_list)
+    seed_pos = [i for i in seed_list if train.labels[i]]
+    seed_neg = [i for i in seed_list if not train.labels[i]]
     if not seed_pos or not seed_neg:
         raise ValueError(f"classifier: need seed documents of both labels; got {len(seed_pos)} hq and "
                          f"{len(seed_neg)} raw from sources {train_names}")

@@ -217,7 +217,12 @@ def register_bench(bench_subparsers, train_step: Optional[Callable[[int, int], O
         if not args.overrides and not args.config:
             cfg = cfg.replace(seq_len=256, batch_size=8)  # the tiny main job's batch (experiments/configs/tiny.yaml)
         workdir = args.workdir or str(bench.default_workdir())
-        prepared = prepare_data(workdir, cfg, progress=False)
+        if args.workdir and (Path(workdir) / "prepared.json").exists() and not (args.overrides or args.config):
+            from data_pipeline.prepare import load_prepared
+
+            prepared = load_prepared(workdir)  # measure what is there; preparing anew could change it
+        else:
+            prepared = prepare_data(workdir, cfg, progress=False)
         step = train_step or bench.train_step_subprocess
         res = bench.run(prepared, cfg, train_tokens_per_s=args.train_tokens_per_s, train_step=step,
                         workers=tuple(int(w) for w in args.workers.split(",")), seconds=args.seconds)

@@ -257,9 +257,11 @@ def _min_score(comp: MixtureComponent, cfg: DataConfig) -> float:
 
 # ---------------------------------------------------------------- datasets
 def _options() -> grain.experimental.DatasetOptions:
-    # Quality filtering drops most of a raw pool by design: grain's "filtered too much" warning is noise here.
-    # Batches are a few hundred kB: pickling them from workers beats shared memory (and its noisy cleanup).
-    return grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None, filter_raise_threshold_ratio=None,
+    # Quality filtering drops most of a raw pool by design: grain's "filtered too much" warning is noise here, but
+    # a window of 1000 documents with none kept means a filter that keeps nothing: raise instead of spinning
+    # forever on an infinite dataset. Batches are a few hundred kB: pickling them from workers beats shared
+    # memory (and its noisy cleanup).
+    return grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None, filter_raise_threshold_ratio=1.0,
                                              min_shm_size=1 << 30)
 
 

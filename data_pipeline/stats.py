@@ -40,7 +40,6 @@ def collect_scores(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Optiona
     scores: dict[str, list[float]] = defaultdict(list)
     labels: dict[str, Optional[str]] = {}
     if path.is_dir():
-        prep = records.read_json(path / "prepared.json")
         man = records.read_json(path / "corpus" / "manifest.json")
         for split in ("train", "eval"):
             for shard in records.list_shards(path / "tokens" / split):
@@ -49,7 +48,6 @@ def collect_scores(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Optiona
                     if "score" in rec:
                         scores[rec["source"]].append(rec["score"])
         labels = {n: m.get("label") for n, m in man["sources"].items()}
-        del prep
     else:
         with open(path, encoding="utf-8") as f:
             for line in f:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from data_pipeline import bench  # noqa: E402
 from data_pipeline.config import DataConfig  # noqa: E402
-from data_pipeline.prepare import prepare_data  # noqa: E402
+from data_pipeline.prepare import load_prepared, prepare_data  # noqa: E402
 
 
 def train_step_tokens_per_s(batch: int, seq: int) -> float:
@@ -41,7 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(argv)
     cfg = DataConfig(seq_len=args.seq_len, batch_size=args.batch_size)
-    prepared = prepare_data(args.workdir, cfg, progress=False)
+    prepared = (load_prepared(args.workdir) if (Path(args.workdir) / "prepared.json").exists()
+                else prepare_data(args.workdir, cfg, progress=False))
     bench.run(prepared, cfg, train_step=train_step_tokens_per_s, seconds=args.seconds,
               workers=tuple(int(w) for w in args.workers.split(",")))
     return 0

@@ -67,3 +67,13 @@ def test_efficient_verification_candidate_arm(prepared, data_cfg, token_docs):
     low_a = sum(n for (_, s), n in counts_a.items() if s < 0.5) / sum(counts_a.values())
     assert abs(low_a - base_low) < 0.08 and low < low_a
     assert np.isfinite(low)
+
+
+def test_a_filter_that_keeps_nothing_fails_instead_of_hanging(prepared, data_cfg):
+    import pytest
+
+    cfg = data_cfg.replace(mixture=(MixtureComponent("raw", 1.0, ("reviews_zh",), 1.0),))
+    it = make_train_iterator(prepared, cfg, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="skipped 100.00 %"):
+        next(it)
+    it.close()

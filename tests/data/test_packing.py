@@ -156,3 +156,27 @@ def test_eval_iterator_one_ordered_pass(prepared, data_cfg):
 def test_unknown_eval_source_is_a_clear_error(prepared, data_cfg):
     with pytest.raises(ValueError, match="not prepared"):
         make_eval_iterator(prepared, data_cfg, process_index=0, process_count=1, sources=["no_such_source"])
+
+
+def test_parquet_source_through_the_pipeline(prepared, data_cfg, corpus_dir, tmp_path):
+    """Parquet text files (row groups read on demand) go through tokenize + pack like ArrayRecord shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipeline.corpus import iter_docs
+    from data_pipeline.pipeline import ParquetSource
+
+    texts = [d["text"] for d in iter_docs(corpus_dir, ["wiki_en", "reviews_zh"])][:120]
+    for i in range(2):
+        part = texts[i * 60:(i + 1) * 60]
+        pq.write_table(pa.table({"text": part, "n": list(range(len(part)))}), tmp_path / f"p{i}.parquet",
+                       row_group_size=16)
+    src = ParquetSource([tmp_path / "p0.parquet", tmp_path / "p1.parquet"])
+    assert len(src) == 120 and src[75]["text"] == texts[75] and src[3]["n"] == 3
+    cfg = data_cfg.replace(filter_quality=False, tokenizer=dataclasses.replace(
+        data_cfg.tokenizer, path=str(prepared.tokenizer_dir)))
+    batches = take_all(make_train_iterator(str(tmp_path / "*.parquet"), cfg, process_index=0, process_count=1,
+                                           num_epochs=1))
+    tok = prepared.tokenizer
+    docs = [{"tokens": np.asarray(tok.encode(t, add_bos=True, add_eos=True))} for t in texts]
+    assert stream_pieces(batches) == expected_pieces(docs, cfg.seq_len)
