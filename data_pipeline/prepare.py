@@ -155,25 +155,6 @@ def _write_tokens(corpus_dir: Path, manifest: dict, out: Path, tok: Tokenizer,
     return stats
 
 
-def _debian_now_available(corpus_dir: Path, cfg: DataConfig) -> bool:
-    """A corpus built while Debian packages could not be fetched (offline) is rebuilt once they can be: the cached
-    pip-only fallback must not stick forever. Offline, this costs one quick failed apt-get call."""
-    from data_pipeline import debian
-    from data_pipeline import sources as S
-
-    if not cfg.download:
-        return False
-    missing = [n for n, why in C.load_manifest(corpus_dir).get("unavailable", {}).items()
-               if n in S.SOURCES and S.SOURCES[n].tier == "debian" and why.startswith("Debian package")]
-    if not missing:
-        return False
-    pkgs = S.debian_packages(S.SOURCES[n] for n in missing)
-    res = debian.fetch_packages(pkgs, Path(cfg.cache_dir) if cfg.cache_dir else debian.default_cache_dir())
-    if res.extracted:
-        log.info("prepare: Debian packages %s are available now: rebuilding the corpus", ", ".join(res.extracted))
-    return bool(res.extracted)
-
-
 def default_eval_sources(manifest: dict) -> list[str]:
     """LM eval sets: sources with eval documents that are not raw (held-out hq sources and eval tails)."""
     return [n for n, m in manifest["sources"].items()
@@ -214,7 +195,7 @@ def prepare_data(workdir: str | Path, cfg: DataConfig, *, progress: bool = True)
     t = time.time()
     corpus_dir = w / "corpus"
     corpus_key = C.corpus_fingerprint(cfg)
-    cached = _cached(corpus_dir, corpus_key) and not _debian_now_available(corpus_dir, cfg)
+    cached = _cached(corpus_dir, corpus_key)
     if not cached:
         report = DropReport()
         with _step_dir(corpus_dir, corpus_key) as tmp:
@@ -227,6 +208,8 @@ def prepare_data(workdir: str | Path, cfg: DataConfig, *, progress: bool = True)
     print(f"data sources used: {used}")
     if manifest.get("unavailable"):
         print("data sources unavailable: " + "; ".join(f"{n}: {why}" for n, why in manifest["unavailable"].items()))
+        if cached:  # never rebuilt behind the user's back: every process of a job must read the same corpus
+            print(f"(cached corpus; delete {corpus_dir} to try fetching the missing sources again)")
 
     # 2. tokenizer
     t = time.time()
