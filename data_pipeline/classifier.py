@@ -12,6 +12,7 @@ P(__label__pos).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -237,10 +238,11 @@ def heldout_sources(manifest: dict, cfg: ClassifierConfig) -> list[str]:
     return [n for n, m in manifest["sources"].items() if m.get("heldout") and m.get("label")]
 
 
-def _balance(pos: list[int], neg: list[int], cfg: ClassifierConfig, rng: random.Random) -> tuple[list, list]:
+def _balance(pos: list[int], neg: list[int], cfg: ClassifierConfig, rank: dict[int, str]) -> tuple[list, list]:
+    """pos:neg = 1:neg_ratio, at most max_train_docs: the first documents in the seeded hash order."""
     n_pos = min(len(pos), int(cfg.max_train_docs / (1 + cfg.neg_ratio)), int(len(neg) / cfg.neg_ratio))
     n_neg = min(len(neg), int(round(n_pos * cfg.neg_ratio)))
-    return rng.sample(pos, n_pos), rng.sample(neg, n_neg)
+    return sorted(pos, key=rank.__getitem__)[:n_pos], sorted(neg, key=rank.__getitem__)[:n_neg]
 
 
 def _per_source(scores: np.ndarray, sources: list[str], threshold: float) -> dict:
@@ -277,9 +279,10 @@ def train_classifier(corpus_dir: str | Path, out_dir: str | Path, cfg: DataConfi
     n_docs = len(train.lines) + len(test.lines)
     log.info("classifier: %d docs ready in %.1f s; held out: %s", n_docs, t_pre, ", ".join(held) or "none")
 
-    rng = random.Random(cfg.seed)
-    labelled = [i for i, y in enumerate(train.labels) if y is not None]
-    rng.shuffle(labelled)
+    # Documents are ranked by a seeded hash of their content (not a shuffle of the list): which ones become seeds
+    # does not change when a few documents more or fewer exist on another machine.
+    rank = {i: hashlib.sha1(f"{cfg.seed}/{line}".encode()).hexdigest() for i, line in enumerate(train.lines)}
+    labelled = sorted((i for i, y in enumerate(train.labels) if y is not None), key=rank.__getitem__)
     n_seed = max(2, int(round(len(labelled) * ccfg.seed_fraction)))
     seed_list = labelled[:n_seed]
     seeds = set(seed_list)
@@ -301,7 +304,7 @@ def train_classifier(corpus_dir: str | Path, out_dir: str | Path, cfg: DataConfi
             pos, neg = seed_pos + new_pos, seed_neg + new_neg
             known = [(train.labels[i], True) for i in new_pos] + [(train.labels[i], False) for i in new_neg]
             agree = [a == b for a, b in known if a is not None]
-        bp, bn = _balance(pos, neg, ccfg, rng)
+        bp, bn = _balance(pos, neg, ccfg, rank)
         t1 = time.time()
         model = _train_fasttext([train.lines[i] for i in bp + bn], [True] * len(bp) + [False] * len(bn), ccfg,
                                 out_dir, cfg.seed)

@@ -58,7 +58,8 @@ class ClassifierConfig:
     bucket: int = 262_144
     threshold: float = 0.5  # keep a document when P(pos) >= threshold
     rounds: int = 2  # 1 = train on the seeds only; each further round adds confident predictions from the pool
-    seed_fraction: float = 0.5  # share of labelled training documents used as the initial verified seeds
+    seed_fraction: float = 0.7  # share of labelled training documents used as the initial verified seeds; the
+    # rest joins the pool that later rounds label by confident prediction
     confident_pos: float = 0.9  # pool documents at or above this become positives in the next round
     confident_neg: float = 0.1  # pool documents at or below this become negatives in the next round
     neg_ratio: float = 1.0  # negatives per positive in each round's training set

@@ -169,10 +169,22 @@ def _stdlib_dir() -> Path:
 
 
 def shuffled(items: Iterable, ctx: SourceContext, salt: str, key: Callable = str) -> list:
-    """Items in a seeded random order: a capped source then samples across all its files, not the first few."""
-    items = sorted(items, key=key)
-    random.Random(f"{ctx.seed}/{salt}").shuffle(items)
-    return items
+    """Items in a seeded random order: a capped source then samples across all its files, not the first few.
+
+    Each item's rank is a hash of (seed, salt, key), not a shuffle of the whole list: an item present on two
+    machines keeps its place even when the other one has a few files more or fewer (another Python patch release,
+    another set of installed distributions), so samples stay comparable across machines."""
+    import hashlib
+
+    return sorted(items, key=lambda x: hashlib.sha1(f"{ctx.seed}/{salt}/{key(x)}".encode()).hexdigest())
+
+
+def _stdlib_key(p: Path) -> str:
+    return str(p.relative_to(_stdlib_dir()))
+
+
+def _doc_key(p: Path) -> str:
+    return str(p.relative_to("/usr/share"))
 
 
 def _stdlib_files() -> list[Path]:
@@ -227,7 +239,7 @@ _SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_te
 
 
 def _read_stdlib_code(ctx: SourceContext) -> Iterator[str]:
-    for p in shuffled(_stdlib_files(), ctx, "code"):
+    for p in shuffled(_stdlib_files(), ctx, "code", _stdlib_key):
         text = read_text_file(p, ctx.report)
         if text and text.strip():
             yield text
@@ -242,7 +254,7 @@ def _read_stdlib_docstrings(ctx: SourceContext) -> Iterator[str]:
     # Module, class and function docstrings of the stdlib: edited technical English, no code around it.
     import inspect
 
-    for p in shuffled(_stdlib_files(), ctx, "docstrings"):
+    for p in shuffled(_stdlib_files(), ctx, "docstrings", _stdlib_key):
         text = read_text_file(p, ctx.report)
         for m in _DOCSTRING.finditer(text or ""):
             if len(m.group(2)) >= 200:
@@ -258,7 +270,7 @@ def _read_pydoc_topics(ctx: SourceContext) -> Iterator[str]:
 
 
 def _dist_key(dist) -> str:
-    return f"{(dist.metadata.get('Name') or '').lower()} {dist.version}"
+    return (dist.metadata.get("Name") or "").lower()
 
 
 _LICENCE_NAME = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE|AUTHORS)", re.I)
@@ -315,7 +327,7 @@ def _doc_files(patterns: tuple[str, ...]) -> list[Path]:
 
 
 def _read_changelogs(ctx: SourceContext) -> Iterator[str]:
-    for p in shuffled(_doc_files(("*/changelog.Debian.gz", "*/changelog.gz")), ctx, "changelogs"):
+    for p in shuffled(_doc_files(("*/changelog.Debian.gz", "*/changelog.gz")), ctx, "changelogs", _doc_key):
         text = read_text_file(p, ctx.report)
         if text and text.strip():
             yield text
@@ -323,7 +335,7 @@ def _read_changelogs(ctx: SourceContext) -> Iterator[str]:
 
 def _read_copyright(ctx: SourceContext) -> Iterator[str]:
     seen = set()
-    for p in shuffled(_doc_files(("*/copyright",)), ctx, "copyright"):
+    for p in shuffled(_doc_files(("*/copyright",)), ctx, "copyright", _doc_key):
         text = read_text_file(p, ctx.report)
         if text and text.strip() and hash(text) not in seen:
             seen.add(hash(text))
@@ -332,7 +344,7 @@ def _read_copyright(ctx: SourceContext) -> Iterator[str]:
 
 def _read_man_roff(ctx: SourceContext) -> Iterator[str]:
     files = [p for sec in range(1, 9) for p in Path(f"/usr/share/man/man{sec}").glob("*.gz")]
-    for p in shuffled(files, ctx, "man"):
+    for p in shuffled(files, ctx, "man", _doc_key):
         text = read_text_file(p, ctx.report)
         if text and text.strip():
             yield text

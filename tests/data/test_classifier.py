@@ -13,9 +13,10 @@ from data_pipeline import classifier as K
 from data_pipeline.normalize import Preprocessor, clean
 from tests.data.conftest import take_all
 
-# Stated minimum: ROC AUC on sources held out whole, on the ~1.5 MB pip-only sample (measured 0.79 here; 0.90 on
-# the 17 MB pip-only default corpus, 0.91 with the Debian sources; a random split scores ~0.99).
-HELDOUT_AUC_MIN = 0.70
+# Stated minimum: ROC AUC on sources held out whole (python_reference_en vs package_code + package_metadata) on
+# the ~1.5 MB pip-only sample. Measured over 8 sample seeds: 0.68-0.80 (mean 0.75); 0.90 on the 17 MB pip-only
+# default corpus and 0.91 with the Debian sources. Chance is 0.50 +- 0.05 here; a random split scores ~0.99.
+HELDOUT_AUC_MIN = 0.65
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_heldout_sources_auc_above_stated_minimum(rounds):
     assert final["n_pos"] > 30 and final["n_neg"] > 30
     assert final["auc"] >= HELDOUT_AUC_MIN, rounds["rounds"]
     by = rounds["rounds"][-1]["heldout_by_source"]
-    assert by["python_reference_en"]["mean_score"] > by["package_code"]["mean_score"]
+    assert by["python_reference_en"]["mean_score"] > by["package_code"]["mean_score"] + 0.2  # >= 0.34 measured
 
 
 def test_iterative_rounds_promote_confident_pool_documents(rounds):
@@ -38,7 +39,7 @@ def test_iterative_rounds_promote_confident_pool_documents(rounds):
     assert "promoted_pos" not in r0
     assert r1["promoted_pos"] > 0 and r1["promoted_neg"] > 0
     # confident predictions on the pool mostly agree with the label their source implies
-    assert r1["promoted_agree_with_source_label"] >= 0.8
+    assert r1["promoted_agree_with_source_label"] >= 0.9  # 0.97-1.0 measured
     assert r1["train_pos"] >= r0["train_pos"]
     assert r0["epochs"] >= 6  # the small sample got extra epochs (min_updates)
 
