@@ -177,6 +177,7 @@ class DataConfig:
     filter_quality: bool = True  # drop documents scoring below classifier.threshold
     mixture: Tuple[MixtureComponent, ...] = ()  # empty = one component: every training source, natural mix
     num_packing_bins: int = 16
+    pack: bool = True  # False: one document piece per row (InfLLM v2 sparse attention needs unpacked rows)
     shuffle: bool = True
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)

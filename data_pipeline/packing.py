@@ -35,12 +35,16 @@ class ChunkDocument(grain.experimental.FlatMapTransform):
                 for i in range(0, len(t), self.seq_len)]
 
 
-def pack(ds: grain.IterDataset, seq_len: int, *, num_bins: int, seed: int, shuffle_bins: bool) -> grain.IterDataset:
-    """Chunk then first-fit pack; yields rows {tokens, tokens_segment_ids, tokens_positions, loss_mask}."""
+def pack(ds: grain.IterDataset, seq_len: int, *, num_bins: int, seed: int, shuffle_bins: bool,
+         one_per_row: bool = False) -> grain.IterDataset:
+    """Chunk then first-fit pack; yields rows {tokens, tokens_segment_ids, tokens_positions, loss_mask}.
+
+    one_per_row: each row holds a single document piece (plus padding), as sparse attention needs.
+    """
     ds = grain.experimental.FlatMapIterDataset(ds, ChunkDocument(seq_len))
     return grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={"tokens": seq_len, "loss_mask": seq_len}, num_packing_bins=num_bins, seed=seed,
-        shuffle_bins=shuffle_bins, meta_features=("loss_mask",))
+        shuffle_bins=shuffle_bins, meta_features=("loss_mask",), max_sequences_per_bin=1 if one_per_row else None)
 
 
 class ToBatch(grain.transforms.Map):

@@ -280,7 +280,8 @@ def _rows(paths: Sequence[str], *, min_score: float, cfg: DataConfig, inputs: In
     ds = ds.filter(KeepDocument(min_score))
     ds = ds.map(TokenizeDocument(inputs.tokenizer))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=128))
-    return pack(it, cfg.seq_len, num_bins=cfg.num_packing_bins, seed=seed, shuffle_bins=shuffle)
+    return pack(it, cfg.seq_len, num_bins=cfg.num_packing_bins, seed=seed, shuffle_bins=shuffle,
+                one_per_row=not cfg.pack)
 
 
 def _finish(rows: grain.IterDataset, cfg: DataConfig, inputs: Inputs, *, drop_remainder: bool,

@@ -56,16 +56,8 @@ def load_for_export(path: str | os.PathLike) -> tuple[ModelConfig, dict, Optiona
         return cfg, params, find_tokenizer(p)
     if (p / "config.json").is_file():
         raise FileNotFoundError(f"{p} has config.json but no *.safetensors: not a complete HF checkpoint")
-    try:
-        from minicpm_jax.train import checkpoint as train_checkpoint
-    except ImportError as e:
-        raise RuntimeError(f"{p} is not an HF checkpoint (no config.json + *.safetensors), and orbax training runs "
-                           f"cannot be read because minicpm_jax.train.checkpoint is unavailable ({e})") from e
-    loader = getattr(train_checkpoint, "load_for_export", None)
-    if loader is None:
-        raise RuntimeError(f"{p} looks like an orbax training run, but minicpm_jax.train.checkpoint has no "
-                           "load_for_export(path) -> (cfg, params, tokenizer)")
-    return loader(p)
+    from minicpm_jax.train.checkpoint import load_for_export as load_run
+    return load_run(p)
 
 
 def _torch_dtype(path: Path) -> Optional[str]:

@@ -108,6 +108,7 @@ class TrainLoopConfig:
     profile_steps: tuple[int, ...] = ()  # jax.profiler trace around these steps (written under output_dir/profile)
     sample_prompts: tuple[str, ...] = ("The history of", "中国的")
     sample_tokens: int = 48
+    sample_chat: bool = False          # wrap sample prompts in the ChatML template (SFT runs)
 
     def __post_init__(self):
         for f in ("steps", "micro_batches", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
@@ -159,7 +160,10 @@ class ExperimentConfig:
 
     def data_config(self):
         from data_pipeline.config import DataConfig
-        return DataConfig.from_dict(dict(self.data))
+        try:
+            return DataConfig.from_dict(dict(self.data))
+        except OmegaConfBaseException as e:
+            raise ValueError(f"data.{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json_ready(dataclasses.asdict(self)), sort_keys=False, allow_unicode=True)

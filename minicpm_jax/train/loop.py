@@ -256,7 +256,8 @@ def run(exp: ExperimentConfig) -> RunSummary:
     if main:
         outputs["loss_plot"] = str(plot_losses(paths["run"]))
     if pcount == 1:
-        samples = sample_text(state.params, cfg, tokenizer, exp.train.sample_prompts, exp.train.sample_tokens)
+        samples = sample_text(state.params, cfg, tokenizer, exp.train.sample_prompts, exp.train.sample_tokens,
+                              chat=exp.train.sample_chat)
     outputs.update(export_run(exp, cfg, state.params, tokenizer, paths["run"]))
     summary = RunSummary(paths["run"], step, train_losses, eval_losses, outputs, samples)
     if main:
@@ -267,13 +268,17 @@ def run(exp: ExperimentConfig) -> RunSummary:
     return summary
 
 
-def sample_text(params, cfg: ModelConfig, tokenizer, prompts, n_tokens: int) -> list[str]:
+def sample_text(params, cfg: ModelConfig, tokenizer, prompts, n_tokens: int, chat: bool = False) -> list[str]:
+    """Greedy continuations of the prompts (chat: as a ChatML user turn, answered until <|im_end|>)."""
     from minicpm_jax.decode import generate
     if not prompts:
         return []
-    ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+             if chat else p for p in prompts]
+    ids = [tokenizer.encode(t, add_bos=True) for t in texts]
     out = generate(params, cfg, ids, max_new_tokens=n_tokens, temperature=0.0)
-    return [p + tokenizer.decode(seq) for p, seq in zip(prompts, out.sequences())]
+    return [p + " -> " + tokenizer.decode([t for t in seq if t not in cfg.eos_ids]) if chat
+            else p + tokenizer.decode(seq) for p, seq in zip(prompts, out.sequences())]
 
 
 def export_run(exp: ExperimentConfig, cfg: ModelConfig, params, tokenizer, run_dir: Path) -> dict[str, str]:

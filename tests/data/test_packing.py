@@ -180,3 +180,13 @@ def test_parquet_source_through_the_pipeline(prepared, data_cfg, corpus_dir, tmp
     tok = prepared.tokenizer
     docs = [{"tokens": np.asarray(tok.encode(t, add_bos=True, add_eos=True))} for t in texts]
     assert stream_pieces(batches) == expected_pieces(docs, cfg.seq_len)
+
+
+def test_unpacked_rows_hold_one_document_piece_each(prepared, data_cfg, token_docs):
+    """data.pack=false (sparse attention): one piece per row, padded; still every token once."""
+    cfg = data_cfg.replace(filter_quality=False, pack=False)
+    batches = take_all(make_train_iterator(prepared, cfg, process_index=0, process_count=1, num_epochs=1))
+    for b in batches:
+        check_layout(b, cfg, prepared.tokenizer.pad_id)
+        assert (b["segment_ids"].max(axis=1) <= 1).all()
+    assert stream_pieces(batches) == expected_pieces(token_docs, cfg.seq_len)

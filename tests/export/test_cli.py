@@ -3,7 +3,6 @@ sources."""
 
 import argparse
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -89,18 +88,12 @@ def test_generate_with_gguf(hf_checkpoint, tokenizer, tmp_path):
         generate_with_gguf(str(out), "a", [1], 4, 0.0, 0, 1.0, 0, False)
 
 
-def test_orbax_runs_go_to_the_training_checkpoint_loader(tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    run.mkdir()
-    fake = types.ModuleType("minicpm_jax.train.checkpoint")
-    fake.load_for_export = lambda p: ("cfg", "params", None) if p == run else None
-    monkeypatch.setitem(sys.modules, "minicpm_jax.train.checkpoint", fake)
-    assert load_for_export(run) == ("cfg", "params", None)
-    monkeypatch.setitem(sys.modules, "minicpm_jax.train.checkpoint", None)          # module not there yet
-    with pytest.raises(RuntimeError, match="minicpm_jax.train.checkpoint is unavailable"):
-        load_for_export(run)
+def test_missing_or_non_run_checkpoints_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_for_export(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a minicpm training run directory"):
+        load_for_export(tmp_path / "empty")
 
 
 def test_bench_edge_runs(capsys):

@@ -61,3 +61,20 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_is_used(uninterrupted,
     import numpy as np
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params4)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_training_run_exports_to_gguf_and_hf(uninterrupted, tmp_path):
+    """The exporter reads the orbax run (config.yaml + checkpoints + tokenizer) and llama.cpp runs the result."""
+    from minicpm_jax.export import load_for_export
+    from tests.train.conftest import run_cli
+    cfg, params, tok = load_for_export(uninterrupted)
+    assert cfg.num_hidden_layers == 2 and tok is not None and tok.vocab_size <= cfg.vocab_size
+    r = run_cli(["export", "--checkpoint", str(uninterrupted), "--format", "gguf", "--qtype", "f32", "--out",
+                 str(tmp_path / "m.gguf")])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    g = run_cli(["generate", "--gguf", str(tmp_path / "m.gguf"), "--prompt", "The history of",
+                 "--max-new-tokens", "8"])
+    assert g.returncode == 0 and g.stdout.strip(), g.stdout[-2000:] + g.stderr[-2000:]
+    j = run_cli(["generate", "--checkpoint", str(uninterrupted), "--prompt", "The history of",
+                 "--max-new-tokens", "8"])
+    assert j.returncode == 0 and j.stdout.strip(), j.stdout[-2000:] + j.stderr[-2000:]
