@@ -78,3 +78,4 @@ def test_a_training_run_exports_to_gguf_and_hf(uninterrupted, tmp_path):
     j = run_cli(["generate", "--checkpoint", str(uninterrupted), "--prompt", "The history of",
                  "--max-new-tokens", "8"])
     assert j.returncode == 0 and j.stdout.strip(), j.stdout[-2000:] + j.stderr[-2000:]
+    assert g.stdout.strip() == j.stdout.strip()        # llama.cpp (f32) writes the same greedy text as JAX
