@@ -1,5 +1,10 @@
 """Glue between the sparse API and `pallas_kernels/`: block lists in, kernels out, optionally under shard_map.
 
+Backends: "triton" (GPU kernels, infllm_v2_{fwd,bwd,decode}.py; the default off TPU) and "mosaic_tpu" (TPU
+kernels, infllm_v2_tpu_{fwd,bwd,decode}.py; the default when jax.default_backend() == "tpu"). Either runs in
+interpret mode off its hardware (interpret=None picks it), so CPU tests exercise both; the TPU kernels are
+verified only that way (and by lowering to Mosaic), not on a TPU.
+
 The kernels know arrays and block ids only. Here the selection result (select.py) is handed to them, and for
 sharded inputs each kernel runs per shard inside `jax.shard_map` (a bare pallas_call on sharded arrays is silently
 all-gathered under an Auto mesh and rejected under an Explicit one, jax-notes §4.5). Batch shards over
@@ -17,16 +22,19 @@ from minicpm_jax.sparse.config import SparseConfig
 from minicpm_jax.sparse.select import BlockLists
 from pallas_kernels.infllm_v2_bwd import infllm_v2_attention_pallas
 from pallas_kernels.infllm_v2_decode import infllm_v2_decode_kernel
+from pallas_kernels.infllm_v2_tpu_bwd import infllm_v2_tpu_attention
+from pallas_kernels.infllm_v2_tpu_decode import infllm_v2_tpu_decode_kernel
 
-BACKENDS = ("triton",)
+BACKENDS = ("triton", "mosaic_tpu")
 
 
 def _backend(backend: Optional[str]) -> str:
-    backend = backend or "triton"
+    on_tpu = jax.default_backend() == "tpu"
+    backend = backend or ("mosaic_tpu" if on_tpu else "triton")
     if backend not in BACKENDS:
         raise ValueError(f"pallas_backend must be one of {BACKENDS}, got {backend!r}")
-    if jax.default_backend() == "tpu":
-        raise NotImplementedError("InfLLM v2 Pallas kernels target GPU (Triton lowering); on TPU use impl='xla'")
+    if backend == "triton" and on_tpu:
+        raise NotImplementedError("the Triton kernels do not run on TPU; use pallas_backend='mosaic_tpu'")
     return backend
 
 
@@ -42,10 +50,10 @@ def _maybe_shard(fn, mesh, batch_axes, head_axes, n_args_qkv: int):
 def sparse_attention_pallas(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, interpret=None, backend=None,
                             mesh=None, batch_axes=None, head_axes=None):
     """Differentiable Pallas block-sparse attention over precomputed block lists. Shapes as in xla.py."""
-    _backend(backend)
+    kernel = infllm_v2_tpu_attention if _backend(backend) == "mosaic_tpu" else infllm_v2_attention_pallas
 
     def run(q_, k_, v_, idx, count, pos):
-        return infllm_v2_attention_pallas(q_, k_, v_, idx, count, pos, block_size=cfg.block_size, interpret=interpret)
+        return kernel(q_, k_, v_, idx, count, pos, block_size=cfg.block_size, interpret=interpret)
 
     return _maybe_shard(run, mesh, batch_axes, head_axes, 3)(q, k, v, lists.idx, lists.count, t)
 
@@ -53,10 +61,10 @@ def sparse_attention_pallas(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *,
 def sparse_decode_pallas(q, k_cache, v_cache, lists: BlockLists, t, cfg: SparseConfig, *, interpret=None,
                          backend=None, num_splits=None, mesh=None, batch_axes=None, head_axes=None):
     """Pallas sparse decode: q [B,1,Hq,D] over the cache with block lists [B,Hkv,1,K]."""
-    _backend(backend)
+    kernel = infllm_v2_tpu_decode_kernel if _backend(backend) == "mosaic_tpu" else infllm_v2_decode_kernel
 
     def run(q_, k_, v_, idx, count, pos):
-        return infllm_v2_decode_kernel(q_, k_, v_, idx, count, pos, block_size=cfg.block_size, num_splits=num_splits,
-                                       interpret=interpret)
+        return kernel(q_, k_, v_, idx, count, pos, block_size=cfg.block_size, num_splits=num_splits,
+                      interpret=interpret)
 
     return _maybe_shard(run, mesh, batch_axes, head_axes, 3)(q, k_cache, v_cache, lists.idx, lists.count, t)
