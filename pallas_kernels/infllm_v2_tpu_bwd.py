@@ -114,7 +114,7 @@ def _dkdv_kernel(base_ref, qc_ref, qn_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         tok_vis = jnp.where(member & (kpos <= pos_ref[:, :1]), 1.0, 0.0)
         vis = jnp.broadcast_to(tok_vis[:, None, :], (cq, gp, block_size)).reshape(rows, block_size) > 0.0
         sc = jax.lax.dot_general(q, k, TRANS_B, preferred_element_type=jnp.float32) * scale
-        p = jnp.where(vis, jnp.exp(jnp.where(vis, sc, 0.0) - lse), 0.0)
+        p = jnp.where(vis, jnp.exp(sc - lse), 0.0)          # where() selects: an inf from a hidden key is dropped
         dv_sc[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp = jax.lax.dot_general(do, v, TRANS_B, preferred_element_type=jnp.float32)
         ds = p * (dp - delta) * scale

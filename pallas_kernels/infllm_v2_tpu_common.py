@@ -130,12 +130,8 @@ def zero_rows_after(x, first_row_pos, last_visible):
 
 # ----------------------------------------------------------------------------------------- SMEM-bounded calls
 def tokens_per_call(n_tok: int, words_per_token: int, smem_words: int) -> int:
-    """Query tokens per pallas_call so the scalar-prefetched lists fit the SMEM budget (a multiple of 8 when
-    chunked, so chunked token axes stay sublane aligned)."""
-    per = max(1, smem_words // max(words_per_token, 1))
-    if per >= n_tok:
-        return n_tok
-    return max(SUBLANES, per // SUBLANES * SUBLANES)
+    """Query tokens (or decode rows) per pallas_call so the scalar-prefetched lists fit the SMEM budget."""
+    return min(n_tok, max(1, smem_words // max(words_per_token, 1)))
 
 
 def map_chunks(fn, args, axes, n: int, chunk: int, out_axes, out_len=None):

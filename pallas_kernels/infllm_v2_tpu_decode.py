@@ -34,7 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels._common import pad_groups, unpad_groups
 from pallas_kernels.infllm_v2_decode import infllm_v2_decode_reference, merge_splits  # noqa: F401
 from pallas_kernels.infllm_v2_tpu_common import LANES, SMEM_WORDS, cdiv, compiler_params, kv_layout, kv_spec, \
-    map_chunks, resolve_interpret, small_kv, tpu_rows
+    map_chunks, resolve_interpret, small_kv, tokens_per_call, tpu_rows
 from pallas_kernels.infllm_v2_tpu_fwd import init_softmax, online_softmax_step
 
 
@@ -115,7 +115,7 @@ def infllm_v2_tpu_decode_kernel(q, k_cache, v_cache, idx, count, pos, *, block_s
     idx = idx[:, :, 0].astype(jnp.int32)
     count = count[:, :, 0].astype(jnp.int32)
     pos = pos[:, 0].astype(jnp.int32)
-    rows = max(1, smem_words // (hkv * (kk + 1) + 1))
+    rows = tokens_per_call(b, hkv * (kk + 1) + 1, smem_words)
 
     def fn(i, q_, idx_, cnt_, pos_):
         base = (i * rows).astype(jnp.int32).reshape(1)
