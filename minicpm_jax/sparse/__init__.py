@@ -18,7 +18,7 @@ What each impl supports:
              8 queries x 4 top-k blocks per inner step); custom_vjp backward; decode against the compressed cache.
   pallas     the same selection (XLA), then the Triton-lowered kernels in pallas_kernels/ (forward, dq, dk/dv with
              the transposed block map, split decode); interpret mode off-GPU; jax.shard_map over batch/KV heads
-             when `mesh` is given. TPU (Mosaic) kernels are not written: on TPU use impl="xla".
+             when `mesh` is given. Pallas kernels: GPU (Triton lowering) and TPU (Mosaic, backend "mosaic_tpu"; verified in interpret mode and by lowering).
 All impls: softmax scale 1/sqrt(D), fp32 accumulation, output in q.dtype, differentiable w.r.t. q, k, v with the
 selection under stop_gradient. Packed rows (segment ids marking several documents) raise ValueError: the block
 grid, init block and window are defined from a sequence's position 0, so sparse attention needs one document

@@ -145,6 +145,10 @@ def _top_parts(qm, tc, ids, slot0, n_top, k, v, bs, scale):
     return kb, vb, starts, s
 
 
+def _finite(m):
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
 def _chunk_fwd(qc, tc, idx_top, n_top, k, v, cfg, w, sub):
     """One chunk: qc [B,C,Hq,D] at positions tc [B,C] -> out [B,C,Hq,D] f32 and lse [B,Hkv,C,G]."""
     b, c, hq, d = qc.shape
@@ -152,9 +156,11 @@ def _chunk_fwd(qc, tc, idx_top, n_top, k, v, cfg, w, sub):
     scale = 1.0 / math.sqrt(d)
     qm = _group(qc, hkv)
     _, v_w, _, s_w = _window_parts(qm, tc, k, v, cfg, w, scale)
-    m = s_w.max(axis=-1)  # finite unless qb < init_blocks (then the own block is a top-k pick)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p_w = jnp.exp(s_w - m[..., None])
+    # m is the true running max: -inf while a token has seen no key (its window is empty when qb < init_blocks;
+    # the own block is then a top-k pick). Exponents use a finite stand-in, never a placeholder max: a fake max of
+    # 0 would underflow exp(s - 0) to 0 for logits below ~-88 and turn the output into 0/0.
+    m = s_w.max(axis=-1)
+    p_w = jnp.exp(s_w - _finite(m)[..., None])
     carry = (_band_t(p_w, v_w), m, p_w.sum(axis=-1))
 
     def body(j, carry):
@@ -162,8 +168,8 @@ def _chunk_fwd(qc, tc, idx_top, n_top, k, v, cfg, w, sub):
         ids = jax.lax.dynamic_slice_in_dim(idx_top, j * sub, sub, axis=3)
         _, vb, _, s = _top_parts(qm, tc, ids, j * sub, n_top, k, v, cfg.block_size, scale)
         m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.exp(s - m_new[..., None])
-        a = jnp.exp(m - m_new)
+        p = jnp.exp(s - _finite(m_new)[..., None])
+        a = jnp.exp(m - _finite(m_new))
         acc = a[..., None] * acc + jnp.einsum("bhcns,bhcsd->bhcnd", p, vb, precision=_HI)
         return acc, m_new, a * l + p.sum(axis=-1)
 
