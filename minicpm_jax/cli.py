@@ -2,6 +2,7 @@
 
     minicpm train [--config FILE] [key=value ...] [--dry-run --fake-devices N]
     minicpm generate --checkpoint DIR | --gguf FILE | --preset tiny  --prompt TEXT
+    minicpm eval --checkpoint RUN [--batches N] [key=value ...]
     minicpm export --checkpoint DIR --format gguf|hf ...
     minicpm data {build,train-tokenizer,train-classifier,score,stats,sft} ...
     minicpm sweep experiments/sweeps/NAME.yaml [--emit-commands]
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _generate_parser(sub)
+    from minicpm_jax.train.evaluate import register as register_eval
+    register_eval(sub)
     from minicpm_jax.export.cli import register as register_export
     register_export(sub)
     from data_pipeline.cli import register as register_data

@@ -112,6 +112,25 @@ def initial_params(exp: ExperimentConfig, cfg: ModelConfig, mesh):
     return jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
 
 
+def special_token_ids(exp: ExperimentConfig, tokenizer) -> dict:
+    """BOS / EOS / pad ids of the model: its tokenizer's for a fresh model, the source checkpoint's for a new phase
+    (`train.init_from`). Ids set explicitly in the experiment's model section win over both."""
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    src = exp.train.init_from
+    if src is None:
+        return dict(bos_token_id=tokenizer.bos_id, eos_token_id=[tokenizer.eos_id, tokenizer.im_end_id],
+                    pad_token_id=tokenizer.pad_id)
+    if (Path(src) / "config.json").exists():
+        from minicpm_jax.convert.hf import read_config
+        src_cfg = read_config(src)
+    else:
+        from minicpm_jax.train.config import load_config
+        src_cfg = load_config(run_paths(src)["config"]).model_config()
+    ids = {k: getattr(src_cfg, k) for k in keys}
+    ids["eos_token_id"] = list(src_cfg.eos_ids)
+    return ids
+
+
 def prepare(exp: ExperimentConfig):
     """Data preparation on process 0 (cached on disk), then every process opens the prepared data."""
     from jax.experimental import multihost_utils
@@ -136,12 +155,10 @@ def run(exp: ExperimentConfig) -> RunSummary:
     mesh = make_mesh(exp.mesh.as_dict())
     dcfg, prepared = prepare(exp)
     tokenizer = prepared.tokenizer
+    exp = dataclasses.replace(exp, model={**special_token_ids(exp, tokenizer), **exp.model})  # saved in config.yaml
     cfg = exp.model_config()
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}")
-    if exp.train.init_from is None:            # a model trained from scratch speaks this tokenizer's ids
-        cfg = cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_id=(tokenizer.eos_id, tokenizer.im_end_id),
-                          pad_token_id=tokenizer.pad_id)
     global_batch, seq_len = dcfg.batch_size * pcount, dcfg.seq_len
     check_batch_layout(global_batch, exp.train.micro_batches, mesh)
     if main:

@@ -23,8 +23,10 @@ def losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def uninterrupted(prepared_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "a"
-    r = run_cli(CONFIG + train_overrides(out, prepared_data_dir, 6, ["train.checkpoint_every=2"]))
+    r = run_cli(CONFIG + train_overrides(out, prepared_data_dir, 6, ["train.checkpoint_every=2",
+                                                                    "train.profile_steps=[3]"]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert list((out / "profile").rglob("*.xplane.pb")), "jax.profiler trace of step 3 missing"
     return out
 
 
@@ -79,3 +81,12 @@ def test_a_training_run_exports_to_gguf_and_hf(uninterrupted, tmp_path):
                  "--max-new-tokens", "8"])
     assert j.returncode == 0 and j.stdout.strip(), j.stdout[-2000:] + j.stderr[-2000:]
     assert g.stdout.strip() == j.stdout.strip()        # llama.cpp (f32) writes the same greedy text as JAX
+
+
+def test_eval_command_reports_loss_per_source(uninterrupted):
+    from tests.train.conftest import run_cli
+    r = run_cli(["eval", "--checkpoint", str(uninterrupted), "--batches", "2"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "eval source" not in line]
+    assert len(rows) >= 2 and rows[-1].startswith("| all |")
+    assert 2.0 < float(rows[-1].split("|")[2]) < 10.0
