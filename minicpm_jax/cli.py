@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:      # configuration / input errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:   # one clear line, no traceback
         if os.environ.get("MINICPM_DEBUG"):
             raise
         print(f"minicpm {args.command}: error: {e}", file=sys.stderr)

@@ -243,6 +243,11 @@ def run(exp: ExperimentConfig) -> RunSummary:
                     t_mark, steps_since = now, 0
                     train_losses.append((step, m["loss"]))
                     writer.write(step, "train", m)
+                    if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+                        raise FloatingPointError(
+                            f"step {step}: loss {m['loss']} / grad norm {m['grad_norm']} is not finite; stopping "
+                            f"(last good checkpoint: {ckpt.latest_step()}). Lower optim.peak_lr, check the data, "
+                            "or compare attention=dense to isolate the attention path.")
                     pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m.get('tokens_per_s', 0):,.0f}",
                                      mfu=f"{100 * m.get('mfu', 0):.0f}%")
                 pbar.update(step - pbar.n)

@@ -90,3 +90,10 @@ def test_eval_command_reports_loss_per_source(uninterrupted):
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "eval source" not in line]
     assert len(rows) >= 2 and rows[-1].startswith("| all |")
     assert 2.0 < float(rows[-1].split("|")[2]) < 10.0
+
+
+def test_a_diverging_run_stops_with_a_clear_error(prepared_data_dir, tmp_path):
+    r = run_cli(CONFIG + train_overrides(tmp_path / "nan", prepared_data_dir, 8,
+                                         ["optim.peak_lr=1e8", "optim.clip_grad_norm=0", "optim.warmup_steps=0"]))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "is not finite; stopping" in r.stderr and "last good checkpoint" in r.stderr
