@@ -20,7 +20,7 @@ def test_every_shipped_config_loads_and_builds_its_model(name):
 
 def test_overrides_and_errors_name_the_key(tmp_path):
     exp = load_config("experiments/configs/tiny.yaml", ["optim.peak_lr=3e-3", "model.num_hidden_layers=2",
-                                                        "train.steps=50", "data.seq_len=128"])
+                                                        "train.steps=80", "data.seq_len=128"])
     assert exp.optim.peak_lr == 3e-3 and exp.model_config().num_hidden_layers == 2
     assert exp.data_config().seq_len == 128 and exp.output_dir == "runs/tiny"
     with pytest.raises(ValueError, match="optim.peak_lrr"):
