@@ -3,8 +3,8 @@
     minicpm eval --checkpoint runs/tiny --batches 32                  # every prepared eval source
     minicpm eval --checkpoint runs/tiny model.weight_quant=ternary    # the same weights, ternarised (PTQ)
 
-The run's own config.yaml gives the model and data settings (so the tokenizer and eval split are the ones it trained
-with); `key=value` overrides change them for the evaluation only.
+The run's own config.yaml gives the model and data settings and its tokenizer/ copy is always used (so the ids are the
+ones it trained with, even with another data_dir); `key=value` overrides change the rest for the evaluation only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,17 @@ from minicpm_jax.train.config import load_config
 from minicpm_jax.train.step import batch_sharding, make_eval_step
 
 
+def eval_config(run_dir: str | Path, overrides: Sequence[str] = ()):
+    """The run's ExperimentConfig with `overrides`, its tokenizer pinned to the run's own copy.
+
+    Whatever data_dir an override names, ids must be the ones the weights were trained with: a data config without
+    a tokenizer path would otherwise train a fresh tokenizer there and score the model on foreign ids.
+    """
+    tok = Path(run_dir) / "tokenizer"
+    pinned = [f"data.tokenizer.path={tok}"] if tok.is_dir() else []
+    return load_config(run_paths(run_dir)["config"], pinned + list(overrides))
+
+
 def evaluate_run(run_dir: str | Path, *, batches: int = 32, sources: Optional[Sequence[str]] = None,
                  overrides: Sequence[str] = (), step: Optional[int] = None) -> dict:
     """{source: {"loss", "perplexity", "tokens"}} plus "all" (token-weighted), for the run's latest checkpoint."""
@@ -28,7 +39,7 @@ def evaluate_run(run_dir: str | Path, *, batches: int = 32, sources: Optional[Se
     from data_pipeline.prepare import prepare_data
     from minicpm_jax.train.loop import to_global
 
-    exp = load_config(run_paths(run_dir)["config"], overrides)
+    exp = eval_config(run_dir, overrides)
     _, _, params = load_run_params(run_dir, step)
     cfg = exp.model_config()
     dcfg = exp.data_config()

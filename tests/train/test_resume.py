@@ -92,6 +92,12 @@ def test_eval_command_reports_loss_per_source(uninterrupted):
     assert 2.0 < float(rows[-1].split("|")[2]) < 10.0
 
 
+def test_eval_always_uses_the_runs_own_tokenizer(uninterrupted, tmp_path):
+    from minicpm_jax.train.evaluate import eval_config
+    exp = eval_config(uninterrupted, [f"data_dir={tmp_path}", "data.seq_len=64"])
+    assert exp.data_config().tokenizer.path == str(uninterrupted / "tokenizer") and exp.data_dir == str(tmp_path)
+
+
 def test_a_diverging_run_stops_with_a_clear_error(prepared_data_dir, tmp_path):
     r = run_cli(CONFIG + train_overrides(tmp_path / "nan", prepared_data_dir, 8,
                                          ["optim.peak_lr=1e8", "optim.clip_grad_norm=0", "optim.warmup_steps=0"]))
