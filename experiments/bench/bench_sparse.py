@@ -210,7 +210,7 @@ def _sparse_pairs(lists, t_len: int, block_size: int) -> int:
     return int((keys * ok).sum())
 
 
-def bench_prefill(t_len: int, cfg: SparseConfig, peaks: dict, hq=16, hkv=1, d=128, chunk=8) -> dict:
+def bench_prefill(t_len: int, cfg: SparseConfig, peaks: dict, hq=16, hkv=1, d=128, chunk=64) -> dict:
     b = 1
     ks = jax.random.split(jax.random.key(t_len), 3)
     q = jax.random.normal(ks[0], (b, t_len, hq, d), jnp.float32)
@@ -271,7 +271,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes: 8K/32K decode, 8K prefill")
     p.add_argument("--decode-lens", type=int, nargs="*", default=None)
     p.add_argument("--prefill-len", type=int, default=None)
-    p.add_argument("--chunk", type=int, default=8, help="queries per step of the sparse XLA path")
+    p.add_argument("--chunk", type=int, default=64, help="queries per step of the sparse XLA path's window part")
 
 
 def _defaults(args):

@@ -2,7 +2,8 @@
 
 impl:
   "reference": exact O(T^2) masked attention (reference.py), the ground truth;
-  "xla":       chunked selection + chunked gather attention (select.py, xla.py), memory bounded, any backend;
+  "xla":       chunked selection + init/window band per query chunk and key-block-major top-k tiles
+               (select.py, xla.py), memory bounded, any backend;
   "pallas":    chunked selection + Pallas block-sparse kernels (pallas.py -> pallas_kernels/), GPU (Triton) and TPU
                (Mosaic); on CPU they run in interpret mode (slow: tests only).
 All three compute the same function and are differentiable w.r.t. q, k, v (selection under stop_gradient).
@@ -63,7 +64,7 @@ _select_blocks_xla_jit = jax.jit(select_blocks_xla, static_argnames=("cfg", "chu
 
 def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseConfig, impl: str = "reference", *,
                         segment_ids=None, q_score: Optional[jax.Array] = None, k_score: Optional[jax.Array] = None,
-                        q_offset=None, chunk: Optional[int] = None, sub: int = 4, select_chunk: int = 256,
+                        q_offset=None, chunk: int = 64, tile: int = 128, span: int = 2048, select_chunk: int = 256,
                         interpret=None, pallas_backend: Optional[str] = None, mesh=None, batch_axes=None,
                         head_axes=None) -> jax.Array:
     """InfLLM v2 sparse attention (always sparse; the caller applies `cfg.use_sparse(kv_len)`).
@@ -72,7 +73,8 @@ def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseCon
     Softmax scale 1/sqrt(D); output [B,Tq,Hq,D] in q.dtype, fp32 accumulation. Any group size Hq/Hkv.
     q_score/k_score: tensors used for block scoring (pre-RoPE when cfg.use_nope); default q/k.
     segment_ids: must be None (or one document per row), see `check_segment_ids`.
-    chunk, sub: XLA path tiling: queries per step, top-k slots gathered per inner step (memory ~ chunk*sub*block*D).
+    chunk, tile, span: XLA path tiling (see sparse_attention_xla): queries per step of the init+window part,
+    (query, block) pairs per top-k step, queries whose top-k sums share one buffer.
     Pallas only: interpret (default: True off GPU/TPU), pallas_backend ("triton" | "mosaic_tpu"), and
     mesh/batch_axes/head_axes to run the kernels under jax.shard_map for sharded inputs.
     """
@@ -84,7 +86,7 @@ def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseCon
     ks = k if k_score is None else k_score
     if impl == "reference":
         return infllm_v2_reference(q, k, v, cfg, q_score=qs, k_score=ks, q_offset=q_offset)
-    opts = (("chunk", chunk or 8), ("sub", sub), ("select_chunk", select_chunk), ("interpret", interpret),
+    opts = (("chunk", chunk), ("tile", tile), ("span", span), ("select_chunk", select_chunk), ("interpret", interpret),
             ("backend", pallas_backend), ("mesh", mesh), ("batch_axes", batch_axes), ("head_axes", head_axes))
     return _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts)
 
@@ -96,7 +98,7 @@ def _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts):
     t = query_positions(b, tq, k.shape[1], q_offset)
     lists = select_block_lists(qs, ks, cfg, q_offset=q_offset, chunk=o["select_chunk"])
     if impl == "xla":
-        return sparse_attention_xla(q, k, v, lists, t, cfg, chunk=o["chunk"], sub=o["sub"])
+        return sparse_attention_xla(q, k, v, lists, t, cfg, chunk=o["chunk"], tile=o["tile"], span=o["span"])
     from minicpm_jax.sparse.pallas import sparse_attention_pallas
 
     return sparse_attention_pallas(q, k, v, lists, t, cfg, interpret=o["interpret"], backend=o["backend"],

@@ -115,24 +115,29 @@ def kernel_scores(q: jax.Array, kc: jax.Array, t: jax.Array, cfg: SparseConfig, 
         factor = jnp.where(jnp.isfinite(lse2), jnp.exp(m - lse2), 1.0 / jnp.maximum(e.sum(-1, keepdims=True), 1e-30))
     else:
         factor = 1.0 / jnp.maximum(e.sum(axis=-1, keepdims=True), 1e-30)
-    return (e * factor).sum(axis=3)  # sum over the query heads of each KV group -> [B, Hkv, C, NK]
+    # sum over the query heads of each KV group -> [B, Hkv, C, NK], as a batched matvec: on XLA:CPU an elementwise
+    # product followed by a reduction is two more passes over the [.., G, NK] tensor
+    return jnp.einsum("bhcgj,bhcg->bhcj", e, factor[..., 0])
 
 
-def lists_from_block_scores(blk: jax.Array, t: jax.Array, cfg: SparseConfig) -> BlockLists:
+def lists_from_block_scores(blk: jax.Array, t: jax.Array, cfg: SparseConfig,
+                            n_blocks: Optional[int] = None) -> BlockLists:
     """Top-k with forced init (+inf) / window and future (-inf) blocks, then append the window.
 
     blk: [B, Hkv, C, NB] block scores, t: [B, C] positions -> BlockLists for these C queries.
+    n_blocks: blocks of the whole sequence when blk holds only the first NB of them (the rest are future blocks
+    of every query here; the list length k_max still follows n_blocks). NB must be >= min(topk, n_blocks).
     """
-    nb = blk.shape[-1]
+    nb = blk.shape[-1] if n_blocks is None else n_blocks
     n = cfg.window_blocks
     qb = (t // cfg.block_size)[:, None, :, None]  # [B, 1, C, 1]
-    bidx = jnp.arange(nb)
+    bidx = jnp.arange(blk.shape[-1])
     in_win = (bidx > qb - n) & (bidx <= qb)
     s = jnp.where(in_win, -jnp.inf, blk)
     s = jnp.where(bidx < cfg.init_blocks, jnp.inf, s)  # init wins over the window mask
     s = jnp.where(bidx > qb, -jnp.inf, s)              # never a future block
     kt = min(cfg.topk, nb)
-    vals, picks = jax.lax.top_k(s, kt)                  # descending: valid (> -inf) picks come first
+    vals, picks = jax.lax.top_k(s, kt)  # descending: valid (> -inf) picks first; columns not in blk are future blocks
     cp = jnp.sum(vals > -jnp.inf, axis=-1).astype(jnp.int32)
     win = qb - jnp.arange(n)                            # qb, qb-1, ...: valid ones (>= init_blocks, >= 0) first
     wvalid = (win >= cfg.init_blocks) & (win >= 0)
@@ -196,7 +201,7 @@ def _chunked(fn, q, t, chunk):
 
 def select_block_lists(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, q_offset=None, chunk: int = 256,
                        kc=None, kc2=None, kernel_count=None, kernel_count2=None,
-                       n_blocks: Optional[int] = None) -> BlockLists:
+                       n_blocks: Optional[int] = None, stages: int = 16) -> BlockLists:
     """Block lists for queries q [B, Tq, Hq, D] against keys k [B, Tk, Hkv, D] (the scoring tensors).
 
     Pass kc/kc2 (+ kernel_count) to score against an existing compressed cache (decode); k then only sets Tk.
@@ -214,8 +219,44 @@ def select_block_lists(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, q_offse
         blk = _scores_for_chunk(qc, tc, kc, kc2, cfg, nb, kernel_count, kernel_count2)
         return lists_from_block_scores(blk, tc, cfg)
 
+    if (q_offset is None or isinstance(q_offset, int)) and kernel_count is None and kernel_count2 is None \
+            and tq > chunk:
+        return _select_staged(q, kc, kc2, tk - tq if q_offset is None else q_offset, cfg, nb, chunk, stages)
     out = _chunked(fn, q, t, chunk)
     return BlockLists(*out)
+
+
+def _select_staged(q, kc, kc2, off: int, cfg: SparseConfig, nb: int, chunk: int, stages: int) -> BlockLists:
+    """Causal block selection for queries at the static positions off .. off+Tq-1.
+
+    Query chunks are grouped into `stages` runs of consecutive chunks; a run scores only the kernels (and top-k
+    only the blocks) its last query can see, so the causally invisible half of the score matrix is mostly
+    skipped. Same result as scoring every kernel: the skipped kernels are invisible, hence score 0 and sit in
+    future blocks, for every query of the run.
+    """
+    b, tq = q.shape[:2]
+    c = chunk
+    nc = -(-tq // c)
+    ks, st = cfg.kernel_size, cfg.kernel_stride
+    ks2, st2 = coarse_sizes(cfg)
+    kt = min(cfg.topk, nb)
+    edges = sorted({round(i * nc / stages) for i in range(stages + 1)})
+    outs = []
+    for a, e in zip(edges[:-1], edges[1:]):
+        lo, hi = a * c, min(e * c, tq)
+        t_last = off + hi - 1
+        w = min(kc.shape[1], num_kernels(t_last + 1, ks, st))
+        kc_s = kc[:, :w]
+        kc2_s = None if kc2 is None else kc2[:, :min(kc2.shape[1], num_kernels(t_last + 1, ks2, st2))]
+        nbv = min(nb, max(t_last // cfg.block_size + 1, kt))
+
+        def fn(qc, tc, kc_s=kc_s, kc2_s=kc2_s, nbv=nbv):
+            blk = _scores_for_chunk(qc, tc, kc_s, kc2_s, cfg, nbv)
+            return lists_from_block_scores(blk, tc, cfg, n_blocks=nb)
+
+        tpos = off + jnp.arange(lo, hi, dtype=jnp.int32)
+        outs.append(_chunked(fn, q[:, lo:hi], jnp.broadcast_to(tpos, (b, hi - lo)), c))
+    return BlockLists(*(jnp.concatenate(x, axis=2) for x in zip(*outs)))
 
 
 def lists_to_mask(lists: BlockLists, n_blocks: int) -> jax.Array:

@@ -1,16 +1,24 @@
 """InfLLM v2 stage 4 in plain XLA: memory-bounded, differentiable (custom_vjp), runs anywhere.
 
-Queries are processed in chunks of C tokens (lax.scan). Each chunk attends two disjoint key sets whose softmax is
-merged exactly (online softmax):
-  * the local window: the same contiguous band of keys for every token of the chunk (blocks qb-n+1 .. qb), so it
-    is a dynamic_slice, not a gather, and one [C*G, D] x [D, band] matmul per group;
-  * the top-k picks (init blocks included), `sub` list slots at a time: one gather slice per (group, token,
-    block) into [C, sub, block, D], then a batched [G, D] x [D, sub*block] matmul per token. Picks lie strictly
-    before the window, so only an init block that is the query's own block needs the causal mask.
+Every query attends two disjoint key sets, computed separately and merged exactly:
+  * the shared part, the init blocks (b < init_blocks) and the local window (blocks qb-n+1 .. qb, >= init_blocks):
+    the same keys for all queries of a chunk (a dynamic slice, no gather), so a chunk of C queries is one dense
+    [C*G, D] x [D, init + band] masked matmul per KV group, with the token causal mask;
+  * the top-k picks beyond the init blocks: they lie strictly before the window, so no causal mask. They are
+    processed key-block major ("transposed"): the (query, block) pairs are sorted by block once, cut into tiles
+    of `tile` pairs that share one key block, and each tile gathers its queries ([tile*G, D], G heads of a token
+    at a time), multiplies them with the block's keys and values as they lie, and scatter-adds the results back
+    to its queries. Gathering queries (G*D floats per pair) instead of key/value blocks (2*block*D floats per
+    pair) is 8x less data at MiniCPM4 sizes, and the matmuls have tile*G rows instead of G.
+Softmax merging: the shared part always holds the query's own key, so its row max c is finite; the top-k tiles
+accumulate exp(s - c) with that fixed shift (no per-pair rescaling, so scatter-adds just add). The tiles also
+record the largest top-k logit; if any exceeds c + _SHIFT_MARGIN (exp could overflow), the top-k pass is redone
+with the shift raised to that maximum. Terms far below the shift underflow only where they are < e^-87 of the
+row's largest term, i.e. below fp32 resolution. The result is exact either way.
+Gradients: the backward pass recomputes probabilities from the saved log-sum-exp (flash-attention style): the
+shared part per query chunk (dk/dv added to the band), the top-k part per tile (dq scatter-added, dk/dv of the
+tile's block accumulated in place). Residuals are O(T): inputs, output, lse and the tile schedule.
 Decode (one query) gathers every listed block at once instead (_chunk_fwd_all_blocks).
-Nothing is padded (except a sequence shorter than one block): a partial last block is gathered from a clamped
-start and every key is masked by its absolute position. Gradients: the backward pass recomputes the probabilities
-per chunk from the saved log-sum-exp (flash-attention style) and scatter-adds dk/dv, so residuals are O(T).
 Matmuls use the default precision: exact fp32 on CPU; on GPU XLA may use TF32 for fp32 inputs (the Pallas
 kernels are the GPU path).
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,210 +38,377 @@ from minicpm_jax.sparse.select import BlockLists
 _HI = None  # default matmul precision (see the module docstring)
 
 
-def window_width(tk: int, chunk: int, cfg: SparseConfig) -> int:
-    """Keys in the contiguous band covering the windows of `chunk` consecutive queries (clamped to Tk)."""
-    bs = cfg.block_size
-    return min(tk, (cfg.window_blocks - 1 + (chunk - 1) // bs + 2) * bs)
-
-
+# ------------------------------------------------------------------------------------------------ decode (Tq == 1)
 def _block_dnums():
     # operand [B, Tk, Hkv, D]; index vectors (b, start, g) -> one [bs, D] slice per (b, group, query, slot)
     return jax.lax.GatherDimensionNumbers(offset_dims=(4, 5), collapsed_slice_dims=(0, 2), start_index_map=(0, 1, 2))
 
 
-def _block_starts(k, idx, bs):
-    """Start indices [B,Hkv,C,K,3] of the selected blocks and the key positions [B,Hkv,C,K,bs] they read.
+def _gather_blocks(k, idx, bs):
+    """k [B,Tk,Hkv,D], idx [B,Hkv,C,K] -> blocks [B,Hkv,C,K,bs,D] and their key positions [B,Hkv,C,K,bs].
 
-    The start of a partial last block is clamped to Tk - bs (so nothing is padded); the rows this brings in belong
-    to the previous block and are masked by `pos >= idx * bs` wherever the blocks are used.
+    The start of a partial last block is clamped to Tk - bs (nothing is padded); the rows this brings in belong to
+    the previous block and are masked by `pos >= idx * bs` where the blocks are used.
     """
-    b, tk, hkv, _ = k.shape
+    b, tk, hkv, d = k.shape
     start = jnp.clip(idx * bs, 0, max(tk - bs, 0))
     shape = idx.shape
     bi = jnp.broadcast_to(jnp.arange(b)[:, None, None, None], shape)
     gi = jnp.broadcast_to(jnp.arange(hkv)[None, :, None, None], shape)
     starts = jnp.stack([bi, start, gi], axis=-1)
-    pos = start[..., None] + jnp.arange(bs, dtype=jnp.int32)
-    return starts, pos
-
-
-def _gather_top(k, idx_top, bs):
-    """k [B,Tk,Hkv,D], idx_top [B,Hkv,C,kt] -> blocks [B,Hkv,C,kt,bs,D], key positions [B,Hkv,C,kt,bs], starts.
-
-    One gather slice per block (not per key): far fewer indices for XLA to walk.
-    """
-    d = k.shape[-1]
-    starts, pos = _block_starts(k, idx_top, bs)
     blocks = jax.lax.gather(k, starts, _block_dnums(), slice_sizes=(1, bs, 1, d),
                             mode=jax.lax.GatherScatterMode.CLIP)
-    # Materialise the gathered blocks: left fusible, XLA:CPU re-gathers inside the consuming dot/reductions.
-    return jax.lax.optimization_barrier(blocks), pos, starts
+    return blocks, start[..., None] + jnp.arange(bs, dtype=jnp.int32)
 
 
-def _scatter_add_blocks(acc, starts, upd):
-    """Inverse of _gather_top for gradients: acc [B,Tk,Hkv,D] += upd [B,Hkv,C,kt,bs,D] at the block starts."""
-    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(4, 5), inserted_window_dims=(0, 2),
-                                         scatter_dims_to_operand_dims=(0, 1, 2))
-    return jax.lax.scatter_add(acc, starts, upd, dn, mode=jax.lax.GatherScatterMode.CLIP)
+def _chunk_fwd_all_blocks(q, t, idx, count, k, v, cfg):
+    """Decode form: q [B,1,Hq,D]; gather every listed block and do one softmax over them.
 
-
-def _window(k, t, cfg: SparseConfig, w: int):
-    """Band of keys [B,W,Hkv,D] holding every window key of the chunk's queries t [B,C], and its positions [B,W]."""
-    tk = k.shape[1]
-    bs, n = cfg.block_size, cfg.window_blocks
-    s0 = (t[:, 0] // bs - n + 1) * bs
-    start = jnp.clip(s0, 0, tk - w)
-    band = jax.vmap(lambda kk, st: jax.lax.dynamic_slice_in_dim(kk, st, w, axis=0))(k, start)
-    return band, start[:, None] + jnp.arange(w, dtype=jnp.int32)[None]
-
-
-# Layouts inside a chunk (batch dims lead in every operand, so each einsum is a plain batched matmul on XLA:CPU;
-# a 5-D einsum whose batch dims sit in different places falls back to a slow loop emitter):
-#   qm   [B, Hkv, C, G, D]        queries of the chunk, grouped
-#   kb   [B, Hkv, C, sub*bs, D]   gathered top-k keys of `sub` list slots, per token
-#   kw   [B, Hkv, W, D]           window band, shared by the chunk (matmul rows are C*G)
-# The top-k slots are visited `sub` at a time with an online softmax (flash style): gathering all ~64 blocks of
-# every token at once makes [C, 64, 64, D] temporaries that fall out of cache and run 2-3x slower on a CPU.
-def _group(x, hkv):
-    """[B,C,Hq,D] -> [B,Hkv,C,G,D] float32."""
-    b, c, hq, d = x.shape
-    return x.reshape(b, c, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)
-
-
-def _to_tokens(x, b, c, hq, d):
-    """[B,Hkv,C,G,D] -> [B,C,Hq,D]."""
-    return x.transpose(0, 2, 1, 3, 4).reshape(b, c, hq, d)
-
-
-def _band(x, kw):
-    """[B,Hkv,C,G,D] x [B,Hkv,W,D] -> [B,Hkv,C,G,W] as one matmul with C*G rows per group."""
-    b, h, c, g, d = x.shape
-    return jnp.einsum("bhmd,bhwd->bhmw", x.reshape(b, h, c * g, d), kw, precision=_HI).reshape(b, h, c, g, -1)
-
-
-def _band_t(p, vw):
-    """[B,Hkv,C,G,W] x [B,Hkv,W,D] -> [B,Hkv,C,G,D]."""
-    b, h, c, g, w = p.shape
-    return jnp.einsum("bhmw,bhwd->bhmd", p.reshape(b, h, c * g, w), vw, precision=_HI).reshape(b, h, c, g, -1)
-
-
-def _window_parts(qm, tc, k, v, cfg, w, scale):
-    """Window band keys/values [B,Hkv,W,D], its start [B], and the masked logits [B,Hkv,C,G,W]."""
-    k_w, pos_w = _window(k, tc, cfg, w)
-    v_w, _ = _window(v, tc, cfg, w)
-    k_w = k_w.transpose(0, 2, 1, 3).astype(jnp.float32)
-    v_w = v_w.transpose(0, 2, 1, 3).astype(jnp.float32)
-    bs, n = cfg.block_size, cfg.window_blocks
-    qb = (tc // bs)[:, :, None]
-    kb = (pos_w // bs)[:, None, :]
-    m_w = (kb > qb - n) & (kb <= qb) & (kb >= cfg.init_blocks) & (pos_w[:, None, :] <= tc[:, :, None])  # [B,C,W]
-    s_w = jnp.where(m_w[:, None, :, None, :], _band(qm, k_w) * scale, -jnp.inf)
-    return k_w, v_w, pos_w[:, 0], s_w
-
-
-def _top_parts(qm, tc, ids, slot0, n_top, k, v, bs, scale):
-    """Top-k slots slot0 .. slot0+sub-1: gathered K/V [B,Hkv,C,sub*bs,D], block starts, masked logits."""
-    b, h, c, g, d = qm.shape
-    sub = ids.shape[-1]
-    kb, pos, starts = _gather_top(k, ids, bs)
-    vb = _gather_top(v, ids, bs)[0]
-    kb = kb.reshape(b, h, c, sub * bs, d).astype(jnp.float32)
-    vb = vb.reshape(b, h, c, sub * bs, d).astype(jnp.float32)
-    ok = ((slot0 + jnp.arange(sub)) < n_top[..., None])[..., None] & (pos >= (ids * bs)[..., None]) & \
-        (pos <= tc[:, None, :, None, None])
-    s = jnp.einsum("bhcnd,bhcsd->bhcns", qm, kb, precision=_HI) * scale
-    s = jnp.where(ok.reshape(b, h, c, 1, sub * bs), s, -jnp.inf)
-    return kb, vb, starts, s
-
-
-def _finite(m):
-    return jnp.where(jnp.isfinite(m), m, 0.0)
-
-
-def _chunk_fwd(qc, tc, idx_top, n_top, k, v, cfg, w, sub):
-    """One chunk: qc [B,C,Hq,D] at positions tc [B,C] -> out [B,C,Hq,D] f32 and lse [B,Hkv,C,G]."""
-    b, c, hq, d = qc.shape
-    hkv = k.shape[2]
-    scale = 1.0 / math.sqrt(d)
-    qm = _group(qc, hkv)
-    _, v_w, _, s_w = _window_parts(qm, tc, k, v, cfg, w, scale)
-    # m is the true running max: -inf while a token has seen no key (its window is empty when qb < init_blocks;
-    # the own block is then a top-k pick). Exponents use a finite stand-in, never a placeholder max: a fake max of
-    # 0 would underflow exp(s - 0) to 0 for logits below ~-88 and turn the output into 0/0.
-    m = s_w.max(axis=-1)
-    p_w = jnp.exp(s_w - _finite(m)[..., None])
-    carry = (_band_t(p_w, v_w), m, p_w.sum(axis=-1))
-
-    def body(j, carry):
-        acc, m, l = carry
-        ids = jax.lax.dynamic_slice_in_dim(idx_top, j * sub, sub, axis=3)
-        _, vb, _, s = _top_parts(qm, tc, ids, j * sub, n_top, k, v, cfg.block_size, scale)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.exp(s - _finite(m_new)[..., None])
-        a = jnp.exp(m - _finite(m_new))
-        acc = a[..., None] * acc + jnp.einsum("bhcns,bhcsd->bhcnd", p, vb, precision=_HI)
-        return acc, m_new, a * l + p.sum(axis=-1)
-
-    acc, m, l = jax.lax.fori_loop(0, idx_top.shape[-1] // sub, body, carry)
-    return _to_tokens(acc / l[..., None], b, c, hq, d), m + jnp.log(l)
-
-
-def _chunk_fwd_all_blocks(qc, tc, idx, count, k, v, cfg):
-    """Decode form (C = 1): gather every listed block (top-k and window alike) and do one softmax over them.
-
-    With a single query the window is no longer shared and ~96 blocks fit in cache, so one [G, D] x [D, k_max*bs]
-    product per group is simplest and fastest. Same keys, same result, same lse as _chunk_fwd.
+    With a single query nothing is shared between queries and ~96 blocks fit in cache, so one [G, D] x [D, K*bs]
+    product per group is simplest and fastest. Returns out [B,1,Hq,D] f32 and lse [B*Hkv,1,G].
     """
-    b, c, hq, d = qc.shape
+    b, c, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    bs = cfg.block_size
     scale = 1.0 / math.sqrt(d)
-    qm = _group(qc, k.shape[2])
-    _, vb, _, s = _top_parts(qm, tc, idx, 0, count, k, v, cfg.block_size, scale)
+    qm = q.reshape(b, c, hkv, g, d).transpose(0, 2, 1, 3, 4).astype(jnp.float32)          # [B,Hkv,C,G,D]
+    kb, pos = _gather_blocks(k, idx, bs)
+    vb, _ = _gather_blocks(v, idx, bs)
+    nsl = idx.shape[-1]
+    kb = kb.reshape(b, hkv, c, nsl * bs, d).astype(jnp.float32)
+    vb = vb.reshape(b, hkv, c, nsl * bs, d).astype(jnp.float32)
+    ok = (jnp.arange(nsl) < count[..., None])[..., None] & (pos >= (idx * bs)[..., None]) & \
+        (pos <= t[:, None, :, None, None])
+    s = jnp.einsum("bhcnd,bhcsd->bhcns", qm, kb, precision=_HI) * scale
+    s = jnp.where(ok.reshape(b, hkv, c, 1, nsl * bs), s, -jnp.inf)
     m = s.max(axis=-1)
     p = jnp.exp(s - m[..., None])
     l = p.sum(axis=-1)
     o = jnp.einsum("bhcns,bhcsd->bhcnd", p, vb, precision=_HI) / l[..., None]
-    return _to_tokens(o, b, c, hq, d), m + jnp.log(l)
+    o = o.transpose(0, 2, 1, 3, 4).reshape(b, c, hq, d)
+    return o, (m + jnp.log(l)).reshape(b * hkv, c, g)
 
 
-def _chunk_bwd(qc, tc, idx_top, n_top, k, v, oc, doc, lse, cfg, w, sub, dk, dv):
-    """Gradients of one chunk: returns dq [B,C,Hq,D] and dk, dv [B,Tk,Hkv,D] with this chunk's part added."""
-    b, c, hq, d = qc.shape
-    hkv = k.shape[2]
+# ------------------------------------------------------------------------------------------------------ layouts
+# Inside the prefill path a "row" r = (batch, KV group): queries [R, Tq, G, D], keys/values [R, Tk, D], positions
+# [R, Tq]. Batch dims lead in every matmul operand, so each einsum is a plain batched matmul on XLA:CPU.
+def _q_rows(x, hkv):
+    b, t, hq, d = x.shape
+    g = hq // hkv
+    return x.reshape(b, t, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b * hkv, t, g, d).astype(jnp.float32)
+
+
+def _q_unrows(x, b, hkv):
+    r, t, g, d = x.shape
+    return x.reshape(b, hkv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hkv * g, d)
+
+
+def _kv_rows(k):
+    b, tk, h, d = k.shape
+    return k.transpose(0, 2, 1, 3).reshape(b * h, tk, d).astype(jnp.float32)
+
+
+def _kv_unrows(x, b, hkv):
+    r, tk, d = x.shape
+    return x.reshape(b, hkv, tk, d).transpose(0, 2, 1, 3)
+
+
+def _t_rows(t, hkv):
+    return jnp.repeat(t, hkv, axis=0)
+
+
+def _rows_idx(x):
+    """[B, Hkv, Tq, ...] -> [B*Hkv, Tq, ...]."""
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+# ------------------------------------------------------------------------------------------ shared part (dense)
+def band_width(tk: int, chunk: int, cfg: SparseConfig) -> int:
+    """Keys in the contiguous band covering the windows of `chunk` consecutive queries (clamped to Tk)."""
+    bs = cfg.block_size
+    return min(tk, (cfg.window_blocks - 1 + (chunk - 1) // bs + 2) * bs)
+
+
+def _init_len(tk: int, cfg: SparseConfig) -> int:
+    return min(cfg.init_blocks * cfg.block_size, tk)
+
+
+def _shared_keys(kr, vr, t0, cfg, w):
+    """Init keys + window band for a chunk whose first query is at t0 [R]: K, V [R, NI+W, D], positions [R, NI+W]."""
+    tk = kr.shape[1]
+    bs, n = cfg.block_size, cfg.window_blocks
+    ni = _init_len(tk, cfg)
+    start = jnp.clip((t0 // bs - n + 1) * bs, 0, tk - w)
+    band = lambda x: jax.vmap(lambda xx, st: jax.lax.dynamic_slice_in_dim(xx, st, w, axis=0))(x, start)
+    pos = start[:, None] + jnp.arange(w, dtype=jnp.int32)[None]
+    kk, vv = band(kr), band(vr)
+    if ni:
+        kk = jnp.concatenate([kr[:, :ni], kk], axis=1)
+        vv = jnp.concatenate([vr[:, :ni], vv], axis=1)
+        pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(ni, dtype=jnp.int32), (pos.shape[0], ni)), pos], 1)
+    return kk, vv, pos, start
+
+
+def _shared_mask(pos, tc, cfg, ni):
+    """[R, C, NI+W]: the NI init keys, or window keys (qb-n < b, b >= init_blocks: the band may also hold init
+    blocks, masked there), and pos <= t."""
+    bs, n = cfg.block_size, cfg.window_blocks
+    kb = (pos // bs)[:, None, :]
+    qb = (tc // bs)[:, :, None]
+    ok = (kb > qb - n) & (kb >= cfg.init_blocks)
+    if ni:
+        ok = ok | (jnp.arange(pos.shape[1]) < ni)[None, None, :]
+    return ok & (pos[:, None, :] <= tc[:, :, None])
+
+
+def _shared_logits(qc, tc, kr, vr, cfg, w, scale):
+    """qc [R,C,G,D] -> masked logits [R,C,G,NI+W], keys, values [R,NI+W,D], band start [R]."""
+    r, c, g, d = qc.shape
+    kk, vv, pos, start = _shared_keys(kr, vr, tc[:, 0], cfg, w)
+    s = jnp.einsum("rmd,rwd->rmw", qc.reshape(r, c * g, d), kk, precision=_HI).reshape(r, c, g, -1) * scale
+    s = jnp.where(_shared_mask(pos, tc, cfg, _init_len(kr.shape[1], cfg))[:, :, None, :], s, -jnp.inf)
+    return s, kk, vv, start
+
+
+def _shared_fwd(qc, tc, kr, vr, cfg, w):
+    """Unnormalised shared-part attention of one chunk: acc [R,C,G,D], row max m and sum l [R,C,G]."""
+    r, c, g, d = qc.shape
+    s, _, vv, _ = _shared_logits(qc, tc, kr, vr, cfg, w, 1.0 / math.sqrt(d))
+    m = s.max(axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # (always finite: the query's own key is in the shared part)
+    p = jnp.exp(s - m[..., None])
+    acc = jnp.einsum("rmw,rwd->rmd", p.reshape(r, c * g, -1), vv, precision=_HI).reshape(r, c, g, d)
+    return acc, m, p.sum(axis=-1)
+
+
+def _shared_bwd(qc, tc, doc, lse, delta, kr, vr, cfg, w, dk, dv):
+    """Shared-part gradients of one chunk: dq [R,C,G,D]; dk, dv [R,Tk,D] with the chunk's part added."""
+    r, c, g, d = qc.shape
     scale = 1.0 / math.sqrt(d)
-    qm, dom = _group(qc, hkv), _group(doc, hkv)
-    delta = jnp.sum(dom * _group(oc, hkv), axis=-1)                                # [B,Hkv,C,G]
-    k_w, v_w, start, s_w = _window_parts(qm, tc, k, v, cfg, w, scale)
-    p_w = jnp.exp(s_w - lse[..., None])
-    ds_w = p_w * (_band(dom, v_w) - delta[..., None]) * scale
-    dq = _band_t(ds_w, k_w)
-    m2 = lambda x: x.reshape(b, hkv, c * x.shape[3], -1)
-    dk_w = jnp.einsum("bhmw,bhmd->bwhd", m2(ds_w), m2(qm), precision=_HI)
-    dv_w = jnp.einsum("bhmw,bhmd->bwhd", m2(p_w), m2(dom), precision=_HI)
+    s, kk, vv, start = _shared_logits(qc, tc, kr, vr, cfg, w, scale)
+    p = jnp.exp(s - lse[..., None]).reshape(r, c * g, -1)
+    qm, dom = qc.reshape(r, c * g, d), doc.reshape(r, c * g, d)
+    dp = jnp.einsum("rmd,rwd->rmw", dom, vv, precision=_HI)
+    ds = p * (dp - delta.reshape(r, c * g, 1)) * scale
+    dq = jnp.einsum("rmw,rwd->rmd", ds, kk, precision=_HI).reshape(r, c, g, d)
+    dkk = jnp.einsum("rmw,rmd->rwd", ds, qm, precision=_HI)
+    dvv = jnp.einsum("rmw,rmd->rwd", p, dom, precision=_HI)
+    ni = dkk.shape[1] - w
 
-    def add_band(acc, band, st):
-        cur = jax.lax.dynamic_slice_in_dim(acc, st, w, axis=0)
-        return jax.lax.dynamic_update_slice_in_dim(acc, cur + band, st, axis=0)
+    def add(acc, upd):
+        if ni:
+            acc = acc.at[:, :ni].add(upd[:, :ni])
 
-    dk = jax.vmap(add_band)(dk, dk_w, start)
-    dv = jax.vmap(add_band)(dv, dv_w, start)
+        def add_band(a, u, st):
+            cur = jax.lax.dynamic_slice_in_dim(a, st, w, axis=0)
+            return jax.lax.dynamic_update_slice_in_dim(a, cur + u, st, axis=0)
 
-    def body(j, carry):
-        dq, dk, dv = carry
-        ids = jax.lax.dynamic_slice_in_dim(idx_top, j * sub, sub, axis=3)
-        kb, vb, starts, s = _top_parts(qm, tc, ids, j * sub, n_top, k, v, cfg.block_size, scale)
-        p = jnp.exp(s - lse[..., None])
-        dp = jnp.einsum("bhcnd,bhcsd->bhcns", dom, vb, precision=_HI)
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bhcns,bhcsd->bhcnd", ds, kb, precision=_HI)
-        shape = starts.shape[:-1] + (cfg.block_size, d)                           # [B,Hkv,C,sub,bs,D]
-        dkb = jnp.einsum("bhcns,bhcnd->bhcsd", ds, qm, precision=_HI).reshape(shape)
-        dvb = jnp.einsum("bhcns,bhcnd->bhcsd", p, dom, precision=_HI).reshape(shape)
-        return dq, _scatter_add_blocks(dk, starts, dkb), _scatter_add_blocks(dv, starts, dvb)
+        return jax.vmap(add_band)(acc, upd[:, ni:], start)
 
-    dq, dk, dv = jax.lax.fori_loop(0, idx_top.shape[-1] // sub, body, (dq, dk, dv))
-    return _to_tokens(dq, b, c, hq, d), dk, dv
+    return dq, add(dk, dkk), add(dv, dvv)
 
 
+# ---------------------------------------------------------------------------------------------- top-k schedule
+class Schedule(NamedTuple):
+    """Top-k (query, block) pairs grouped by query range and block, cut into tiles of `tile` pairs sharing a block.
+
+    Queries of a row are cut into ranges of `span` (the rows padded to a multiple of it); range u = r * n_ranges + j
+    holds queries j*span .. (j+1)*span-1 of row r. Its results are accumulated in a range-local buffer, which stays
+    in cache, and written out once.
+    tok     [N + tile] int32  range-local query index of every pair, sorted by (range, block); padding = span
+    key     [NT] int32        u * n_blocks + block of each tile
+    start   [NT] int32        first pair of each tile in `tok`
+    cnt     [NT] int32        valid pairs in each tile (<= tile)
+    rstart  [NU + 1] int32    first tile of each range (tiles of range u: rstart[u] .. rstart[u+1]-1)
+    """
+    tok: jax.Array
+    key: jax.Array
+    start: jax.Array
+    cnt: jax.Array
+    rstart: jax.Array
+
+
+def _schedule(idx_top, n_top, cfg: SparseConfig, nb: int, tile: int, span: int) -> Schedule:
+    """idx_top [R, Tq, kt] block picks, n_top [R, Tq] valid picks -> Schedule (init-block picks left out)."""
+    r, tq, kt = idx_top.shape
+    nr = -(-tq // span)
+    valid = (jnp.arange(kt) < n_top[..., None]) & (idx_top >= cfg.init_blocks)
+    nkeys = r * nr * nb
+    i = jnp.arange(tq, dtype=jnp.int32)
+    u = jnp.arange(r, dtype=jnp.int32)[:, None] * nr + i[None, :] // span                 # [R, Tq]
+    key = jnp.where(valid, (u * nb)[..., None] + idx_top, nkeys).reshape(-1).astype(jnp.int32)
+    tok = jnp.broadcast_to((i % span)[None, :, None], (r, tq, kt)).reshape(-1)
+    key, tok = jax.lax.sort((key, tok), num_keys=1, is_stable=True)
+    tok = jnp.concatenate([jnp.where(key < nkeys, tok, span), jnp.full((tile,), span, jnp.int32)])
+    bounds = jnp.searchsorted(key, jnp.arange(nkeys + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
+    cnt = bounds[1:] - bounds[:-1]
+    tstart = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum((cnt + tile - 1) // tile, dtype=jnp.int32)])
+    n_static = -(-key.shape[0] // tile) + nkeys
+    ti = jnp.arange(n_static, dtype=jnp.int32)
+    tkey = jnp.clip(jnp.searchsorted(tstart, ti, side="right").astype(jnp.int32) - 1, 0, nkeys - 1)
+    j = ti - tstart[tkey]
+    start = bounds[tkey] + j * tile
+    tcnt = jnp.clip(cnt[tkey] - j * tile, 0, tile)
+    return Schedule(tok, tkey, start, tcnt, tstart[::nb])
+
+
+def _span(tq: int, span: int) -> int:
+    return min(span, tq)
+
+
+def _tile_inputs(sched: Schedule, i, kf, vf, tk, nb, nr, bs, tile, span):
+    """Tile i: range-local query ids [tile] (invalid -> span, out of range), valid mask, its block's keys and
+    values [bs, D] and their offset in kf."""
+    key, st, cnt = sched.key[i], sched.start[i], sched.cnt[i]
+    valid = jnp.arange(tile) < cnt
+    ids = jnp.where(valid, jax.lax.dynamic_slice_in_dim(sched.tok, st, tile), span)
+    off = (key // (nb * nr)) * tk + (key % nb) * bs
+    kb = jax.lax.dynamic_slice_in_dim(kf, off, bs, axis=0)
+    vb = jax.lax.dynamic_slice_in_dim(vf, off, bs, axis=0)
+    return ids, valid, kb, vb, off
+
+
+def _rows_of(x, ids):
+    """x[ids] along axis 0, clamped (out-of-range ids read the last row; their results are dropped)."""
+    return jnp.take(x, ids, axis=0, mode="clip")
+
+
+def _head_rows(ids, g):
+    """Query ids [n] -> row ids [n*g] of their heads in a [queries*g, ...] array (out-of-range stays out of range)."""
+    return (ids[:, None] * g + jnp.arange(g, dtype=ids.dtype)).reshape(-1)
+
+
+def _add_rows(acc, rows, upd):
+    """acc [N, ...] with upd [n, ...] added at rows [n] (rows >= N are dropped).
+
+    One lax.scatter per tile. Scattering per (query, head) rows of D floats is far cheaper on XLA:CPU than per
+    query rows of G*D floats: jnp's .at[].add on [n, G*D] updates inserts a unit dimension whose layout costs a
+    copy of every update, and the wide-window scatter loop is slower.
+    """
+    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=tuple(range(1, upd.ndim)), inserted_window_dims=(0,),
+                                         scatter_dims_to_operand_dims=(0,))
+    return jax.lax.scatter_add(acc, rows[:, None], upd, dn, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def _max_rows(acc, rows, upd):
+    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=tuple(range(1, upd.ndim)), inserted_window_dims=(0,),
+                                         scatter_dims_to_operand_dims=(0,))
+    return jax.lax.scatter_max(acc, rows[:, None], upd, dn, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def _pad_rows(x, tq, tp):
+    """[R, Tq, ...] -> [R*Tp, ...] (rows padded with zeros to Tp)."""
+    if tp != tq:
+        x = jnp.pad(x, [(0, 0), (0, tp - tq)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _over_ranges(sched, nu, span, per_range, outs):
+    """For each range u: outs = per_range(u, tiles lo..hi, outs) (a loop over ranges with a loop over tiles)."""
+    def body(u, outs):
+        return per_range(u, sched.rstart[u], sched.rstart[u + 1], outs)
+
+    return jax.lax.fori_loop(0, nu, body, outs)
+
+
+def _topk_fwd_pass(qf, kf, vf, cf, sched, tk, nb, nr, cfg, tile, span, max_only=False):
+    """Sum over top-k tiles of exp(s - c) V and exp(s - c) per (query, head); or (max_only) the max logit.
+
+    qf [R*Tp, G*D] queries pre-scaled by 1/sqrt(D) (rows padded to Tp = nr*span), kf/vf [R*Tk, D], cf [R*Tp, G]
+    shift. Returns acc [R*Tp, G*D] and l [R*Tp, G]; or the max logit [R*Tp, G] (-inf where no top-k block).
+    """
+    nq, gd = qf.shape
+    d = kf.shape[1]
+    g = gd // d
+    bs = cfg.block_size
+
+    def per_range(u, lo, hi, outs):
+        q_u = jax.lax.dynamic_slice_in_dim(qf, u * span, span)
+        c_u = jax.lax.dynamic_slice_in_dim(cf, u * span, span)
+
+        def body(i, carry):
+            ids, _, kb, vb, _ = _tile_inputs(sched, i, kf, vf, tk, nb, nr, bs, tile, span)
+            s = jnp.einsum("md,kd->mk", _rows_of(q_u, ids).reshape(tile * g, d), kb, precision=_HI)
+            rows = _head_rows(ids, g)
+            if max_only:
+                return _max_rows(carry, rows, s.max(-1))
+            acc, l = carry
+            p = jnp.exp(s - _rows_of(c_u, ids).reshape(tile * g, 1))
+            o = jnp.einsum("mk,kd->md", p, vb, precision=_HI)
+            return _add_rows(acc, rows, o), _add_rows(l, rows, p.sum(-1))
+
+        if max_only:
+            init = jnp.full((span * g,), -jnp.inf, jnp.float32)
+        else:
+            init = (jnp.zeros((span * g, d), jnp.float32), jnp.zeros((span * g,), jnp.float32))
+        res = jax.lax.fori_loop(lo, hi, body, init)
+        put = lambda o, x: jax.lax.dynamic_update_slice_in_dim(o, x.reshape((span,) + o.shape[1:]), u * span, 0)
+        return jax.tree.map(put, outs, res)
+
+    if max_only:
+        outs = jnp.full((nq, g), -jnp.inf, jnp.float32)
+    else:
+        outs = (jnp.zeros((nq, gd), jnp.float32), jnp.zeros((nq, g), jnp.float32))
+    return _over_ranges(sched, nq // span, span, per_range, outs)
+
+
+def _topk_fwd(qf, kf, vf, c0, sched, tk, nb, nr, cfg, tile, span):
+    """_topk_fwd_pass with the shift c0 (the shared part's row max); -> (shift, acc, l).
+
+    exp(s - c0) can overflow only if a top-k logit exceeds c0 by ~80; then acc or l is not finite, and the pass is
+    redone with the shift raised to the largest top-k logit (a logits-only pass finds it). Where nothing
+    overflows the sums are exact: a term that underflows is < e^-87 times the shared part's largest term (weight 1).
+    """
+    acc, l = _topk_fwd_pass(qf, kf, vf, c0, sched, tk, nb, nr, cfg, tile, span)
+    ok = jnp.isfinite(l).all() & jnp.isfinite(acc).all()
+
+    def redo(_):
+        c1 = jnp.maximum(c0, _topk_fwd_pass(qf, kf, vf, c0, sched, tk, nb, nr, cfg, tile, span, max_only=True))
+        return (c1,) + _topk_fwd_pass(qf, kf, vf, c1, sched, tk, nb, nr, cfg, tile, span)
+
+    return jax.lax.cond(ok, lambda _: (c0, acc, l), redo, None)
+
+
+def _topk_bwd(qf, dof, lse, delta, kf, vf, sched, tk, nb, nr, cfg, tile, span, dk, dv):
+    """Top-k gradients. qf [R*Tp, G*D] pre-scaled queries, dof [R*Tp, G*D], lse/delta [R*Tp, G].
+
+    Returns dq [R*Tp, G*D] (w.r.t. the pre-scaled queries) and dk, dv [R*Tk, D] with the top-k part added.
+    Invalid tile rows gather q = do = 0 and lse = inf, so their p and ds are exactly 0.
+    """
+    nq, gd = qf.shape
+    d = kf.shape[1]
+    g = gd // d
+    bs = cfg.block_size
+    fill = lambda x, ids, v: jnp.take(x, ids, axis=0, mode="fill", fill_value=v)
+
+    def per_range(u, lo, hi, outs):
+        dq_all, dk, dv = outs
+        q_u, do_u, lse_u, delta_u = (jax.lax.dynamic_slice_in_dim(x, u * span, span) for x in (qf, dof, lse, delta))
+
+        def body(i, carry):
+            dq, dk, dv = carry
+            ids, _, kb, vb, off = _tile_inputs(sched, i, kf, vf, tk, nb, nr, bs, tile, span)
+            qg = fill(q_u, ids, 0.0).reshape(tile * g, d)
+            dog = fill(do_u, ids, 0.0).reshape(tile * g, d)
+            s = jnp.einsum("md,kd->mk", qg, kb, precision=_HI)
+            p = jnp.exp(s - fill(lse_u, ids, jnp.inf).reshape(tile * g, 1))
+            dp = jnp.einsum("md,kd->mk", dog, vb, precision=_HI)
+            ds = p * (dp - fill(delta_u, ids, 0.0).reshape(tile * g, 1))
+            dq = _add_rows(dq, _head_rows(ids, g), jnp.einsum("mk,kd->md", ds, kb, precision=_HI))
+            dkb = jnp.einsum("mk,md->kd", ds, qg, precision=_HI)
+            dvb = jnp.einsum("mk,md->kd", p, dog, precision=_HI)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, jax.lax.dynamic_slice_in_dim(dk, off, bs) + dkb, off, 0)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, off, bs) + dvb, off, 0)
+            return dq, dk, dv
+
+        dq, dk, dv = jax.lax.fori_loop(lo, hi, body, (jnp.zeros((span * g, d), jnp.float32), dk, dv))
+        return jax.lax.dynamic_update_slice_in_dim(dq_all, dq.reshape(span, gd), u * span, axis=0), dk, dv
+
+    return _over_ranges(sched, nq // span, span, per_range, (jnp.zeros((nq, gd), jnp.float32), dk, dv))
+
+
+# ------------------------------------------------------------------------------------------------- prefill path
 def _split(x, axis, c, nc):
     """Pad axis to nc*c (edge values) and move the chunk index to the front."""
     pad = nc * c - x.shape[axis]
@@ -244,90 +420,128 @@ def _split(x, axis, c, nc):
     return jnp.moveaxis(x, axis, 0)
 
 
-def _merge(x, axis, tq):
+def _merge(x, axis, n):
     """Inverse of _split for an output whose chunk axis was stacked at 0 and token axis sits at `axis`."""
     x = jnp.moveaxis(x, 0, axis)
     x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
-    return jax.lax.slice_in_dim(x, 0, tq, axis=axis)
+    return jax.lax.slice_in_dim(x, 0, n, axis=axis)
 
 
-def _prep(q, t, lists: BlockLists, kt, chunk, sub):
-    tq = q.shape[1]
+def _map_chunks(fn, xs, nc):
+    if nc == 1:  # no loop, so XLA does not thread the whole K/V through a while op
+        return jax.tree.map(lambda a: a[None], fn(jax.tree.map(lambda a: a[0], xs)))
+    return jax.lax.map(fn, xs)
+
+
+def _make_schedule(lists: BlockLists, tk, cfg, tile, span):
+    nb = -(-tk // cfg.block_size)
+    kt = lists.idx.shape[-1] - cfg.window_blocks
+    return _schedule(_rows_idx(lists.idx[..., :kt]), _rows_idx(lists.n_top), cfg, nb, tile, span)
+
+
+def _prefill_fwd(q, k, v, t, lists: BlockLists, cfg, chunk, tile, span):
+    """-> out [B,Tq,Hq,D] f32, lse [R,Tq,G], schedule."""
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    nb = -(-tk // cfg.block_size)
+    qr, kr, vr, tr = _q_rows(q, hkv), _kv_rows(k), _kv_rows(v), _t_rows(t, hkv)
+    r, _, g, _ = qr.shape
     c = min(chunk, tq)
     nc = -(-tq // c)
-    idx_top = lists.idx[..., :kt]
-    pad = -kt % sub  # padded slots are >= n_top, hence masked
-    if pad:
-        idx_top = jnp.concatenate([idx_top, jnp.broadcast_to(idx_top[..., :1], idx_top.shape[:-1] + (pad,))], -1)
-    return c, nc, (_split(q, 1, c, nc), _split(t, 1, c, nc), _split(idx_top, 2, c, nc),
-                   _split(lists.n_top, 2, c, nc))
+    w = band_width(tk, c, cfg)
+    acc_w, m_w, l_w = _map_chunks(lambda x: _shared_fwd(x[0], x[1], kr, vr, cfg, w),
+                                  (_split(qr, 1, c, nc), _split(tr, 1, c, nc)), nc)
+    acc_w, m_w, l_w = _merge(acc_w, 1, tq), _merge(m_w, 1, tq), _merge(l_w, 1, tq)
+    span = _span(tq, span)
+    nr = -(-tq // span)
+    tp = nr * span
+    sched = _make_schedule(lists, tk, cfg, tile, span)
+    qs = _pad_rows(qr * (1.0 / math.sqrt(d)), tq, tp).reshape(r * tp, g * d)
+    cf, acc_t, l_t = _topk_fwd(qs, kr.reshape(r * tk, d), vr.reshape(r * tk, d), _pad_rows(m_w, tq, tp), sched, tk,
+                               nb, nr, cfg, tile, span)
+    cf = cf.reshape(r, tp, g)[:, :tq]
+    a = jnp.exp(m_w - cf)
+    den = l_w * a + l_t.reshape(r, tp, g)[:, :tq]
+    o = (acc_w * a[..., None] + acc_t.reshape(r, tp, g, d)[:, :tq]) / den[..., None]
+    return _q_unrows(o, b, hkv), cf + jnp.log(den), sched
 
 
-def _fwd_impl(q, k, v, t, lists, cfg, chunk, kt, sub):
-    tq = q.shape[1]
-    if tq == 1:  # decode
+def _prefill_bwd(q, k, v, t, sched, o, lse, do, cfg, chunk, tile, span):
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    nb = -(-tk // cfg.block_size)
+    qr, kr, vr, tr = _q_rows(q, hkv), _kv_rows(k), _kv_rows(v), _t_rows(t, hkv)
+    dor = _q_rows(do, hkv)
+    delta = jnp.sum(dor * _q_rows(o, hkv), axis=-1)                             # [R, Tq, G]
+    r, _, g, _ = qr.shape
+    c = min(chunk, tq)
+    nc = -(-tq // c)
+    w = band_width(tk, c, cfg)
+    # padded (duplicated) queries get do = 0 and delta = 0, so they contribute nothing
+    pad = nc * c - tq
+    dor_s = jnp.moveaxis(jnp.pad(dor, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(r, nc, c, g, d), 1, 0)
+    delta_s = jnp.moveaxis(jnp.pad(delta, ((0, 0), (0, pad), (0, 0))).reshape(r, nc, c, g), 1, 0)
+    xs = (_split(qr, 1, c, nc), _split(tr, 1, c, nc), dor_s, _split(lse, 1, c, nc), delta_s)
+
+    def step(carry, x):
+        qc, tc, doc, lc, dc = x
+        dq, dk, dv = _shared_bwd(qc, tc, doc, lc, dc, kr, vr, cfg, w, *carry)
+        return (dk, dv), dq
+
+    zeros = jnp.zeros(kr.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), xs)
+    dq = _merge(dq, 1, tq)
+    span = _span(tq, span)
+    nr = -(-tq // span)
+    tp = nr * span
+    scale = 1.0 / math.sqrt(d)
+    flat = lambda x: _pad_rows(x, tq, tp).reshape(r * tp, -1)
+    dq_t, dk, dv = _topk_bwd(flat(qr * scale), flat(dor), flat(lse), flat(delta), kr.reshape(r * tk, d),
+                             vr.reshape(r * tk, d), sched, tk, nb, nr, cfg, tile, span, dk.reshape(r * tk, d),
+                             dv.reshape(r * tk, d))
+    dq = dq + dq_t.reshape(r, tp, g, d)[:, :tq] * scale
+    return _q_unrows(dq, b, hkv), _kv_unrows(dk.reshape(r, tk, d), b, hkv), _kv_unrows(dv.reshape(r, tk, d), b, hkv)
+
+
+def _fwd_impl(q, k, v, t, lists, cfg, chunk, tile, span):
+    if q.shape[1] == 1:  # decode
         o, lse = _chunk_fwd_all_blocks(q, t, lists.idx, lists.count, k, v, cfg)
-        return o, lse
-    c, nc, xs = _prep(q, t, lists, kt, chunk, sub)
-    w = window_width(k.shape[1], c, cfg)
-
-    def body(_, x):
-        qc, tc, it, nt = x
-        return None, _chunk_fwd(qc, tc, it, nt, k, v, cfg, w, sub)
-
-    if nc == 1:  # decode / short prefill: no loop, so XLA does not thread the whole K/V through a while op
-        o, lse = jax.tree.map(lambda a: a[None], body(None, jax.tree.map(lambda a: a[0], xs))[1])
-    else:
-        _, (o, lse) = jax.lax.scan(body, None, xs)
-    return _merge(o, 1, tq), _merge(lse, 2, tq)
+        return o, lse, None
+    return _prefill_fwd(q, k, v, t, lists, cfg, chunk, tile, span)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _sparse_attention(q, k, v, t, lists, cfg, chunk, kt, sub):
-    return _fwd_impl(q, k, v, t, lists, cfg, chunk, kt, sub)[0].astype(q.dtype)
+def _sparse_attention(q, k, v, t, lists, cfg, chunk, tile, span):
+    return _fwd_impl(q, k, v, t, lists, cfg, chunk, tile, span)[0].astype(q.dtype)
 
 
-def _vjp_fwd(q, k, v, t, lists, cfg, chunk, kt, sub):
-    o, lse = _fwd_impl(q, k, v, t, lists, cfg, chunk, kt, sub)
+def _vjp_fwd(q, k, v, t, lists, cfg, chunk, tile, span):
+    o, lse, sched = _fwd_impl(q, k, v, t, lists, cfg, chunk, tile, span)
     o = o.astype(q.dtype)
-    return o, (q, k, v, t, lists, o, lse)
+    if sched is None:
+        sched = _make_schedule(lists, k.shape[1], cfg, tile, _span(q.shape[1], span))
+    return o, (q, k, v, t, sched, o, lse)
 
 
-def _vjp_bwd(cfg, chunk, kt, sub, res, do):
-    q, k, v, t, lists, o, lse = res
-    tq = q.shape[1]
-    c, nc, xs = _prep(q, t, lists, kt, chunk, sub)
-    # padded (duplicated) queries get do = 0, so they contribute nothing
-    do = jnp.pad(do, ((0, 0), (0, nc * c - tq), (0, 0), (0, 0)))
-    xs = xs + (_split(o, 1, c, nc), jnp.moveaxis(do.reshape(do.shape[0], nc, c, *do.shape[2:]), 1, 0),
-               _split(lse, 2, c, nc))
-    w = window_width(k.shape[1], c, cfg)
-
-    def body(carry, x):
-        qc, tc, it, nt, oc, doc, lc = x
-        dq, dk, dv = _chunk_bwd(qc, tc, it, nt, k, v, oc, doc, lc, cfg, w, sub, *carry)
-        return (dk, dv), dq
-
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    (dk, dv), dq = jax.lax.scan(body, (zeros, zeros), xs)
-    dq = _merge(dq, 1, tq)
+def _vjp_bwd(cfg, chunk, tile, span, res, do):
+    q, k, v, t, sched, o, lse = res
+    dq, dk, dv = _prefill_bwd(q, k, v, t, sched, o, lse, do, cfg, chunk, tile, span)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-def sparse_attention_xla(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, chunk: int = 8,
-                         sub: int = 4) -> jax.Array:
+def sparse_attention_xla(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, chunk: int = 64, tile: int = 128,
+                         span: int = 2048) -> jax.Array:
     """Attention of q [B,Tq,Hq,D] at positions t [B,Tq] over the blocks in `lists` (see select.py).
 
     k, v: [B,Tk,Hkv,D]. Returns [B,Tq,Hq,D] in q.dtype (fp32 math). Differentiable w.r.t. q, k, v.
-    chunk: queries per step; sub: top-k slots gathered per inner step (memory ~ chunk*sub*block*D per group).
+    chunk: queries per step of the shared (init + window) part; tile: (query, block) pairs per top-k step;
+    span: queries whose top-k results are accumulated together (a span*G*D float buffer that should stay in cache).
     """
-    kt = lists.idx.shape[-1] - cfg.window_blocks
-    sub = max(1, min(sub, kt))
     lists = jax.tree.map(jax.lax.stop_gradient, lists)
-    if k.shape[1] < cfg.block_size:  # block gathers read whole blocks; pad a tiny sequence (keys > t are masked)
+    if k.shape[1] < cfg.block_size:  # block slices read whole blocks; pad a tiny sequence (keys > t are masked)
         pad = ((0, 0), (0, cfg.block_size - k.shape[1]), (0, 0), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    return _sparse_attention(q, k, v, t, lists, cfg, chunk, kt, sub)
+    return _sparse_attention(q, k, v, t, lists, cfg, chunk, tile, span)

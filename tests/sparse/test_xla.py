@@ -21,6 +21,16 @@ def test_xla_forward_and_grads_match_reference(hq, hkv):
     assert_matches(xla, ref, q, k, v)
 
 
+@pytest.mark.parametrize("tile,span", [(1, 7), (3, 32), (128, 2048)])
+def test_xla_topk_tiling_does_not_change_the_result(tile, span):
+    # tile 1: one (query, block) pair per step; tile 3 / span 7, 32: blocks split over tiles, queries over ranges
+    # (span 7 does not divide 150, so the last range is padded)
+    q, k, v = unambiguous(2, 150, 4, 2, 16, SMALL)
+    ref = lambda q_, k_, v_: infllm_v2_attention(q_, k_, v_, SMALL, "reference")
+    xla = lambda q_, k_, v_: infllm_v2_attention(q_, k_, v_, SMALL, "xla", chunk=16, tile=tile, span=span)
+    assert_matches(xla, ref, q, k, v)
+
+
 def test_xla_batch_rows_and_partial_query_chunk():
     q, k, v = unambiguous(2, 97, 4, 2, 8, SMALL, tq=41)
     ref = infllm_v2_attention(q, k, v, SMALL, "reference")
