@@ -80,7 +80,14 @@ def test_a_training_run_exports_to_gguf_and_hf(uninterrupted, tmp_path):
     j = run_cli(["generate", "--checkpoint", str(uninterrupted), "--prompt", "The history of",
                  "--max-new-tokens", "8"])
     assert j.returncode == 0 and j.stdout.strip(), j.stdout[-2000:] + j.stderr[-2000:]
-    assert g.stdout.strip() == j.stdout.strip()        # llama.cpp (f32) writes the same greedy text as JAX
+    # llama.cpp (f32) and JAX pick the same greedy tokens. The printed texts are not compared: when the 8th token ends
+    # inside a multi-byte character, llama-cpp-python generates on to finish it while our CLI prints U+FFFD.
+    import minicpm_jax as mc
+    from minicpm_jax.export.llamacpp import greedy, open_model
+    ids = tok.encode("The history of", add_bos=True)
+    jax_ids = [int(i) for i in mc.generate(params, cfg, [ids], max_new_tokens=16).sequences()[0]]
+    llama_ids = greedy(open_model(tmp_path / "m.gguf", n_ctx=64), ids, 16)
+    assert jax_ids and llama_ids[:len(jax_ids)] == jax_ids, (jax_ids, llama_ids)
 
 
 def test_eval_command_reports_loss_per_source(uninterrupted):
