@@ -4,12 +4,12 @@
     minicpm generate --checkpoint DIR | --gguf FILE | --preset tiny  --prompt TEXT
     minicpm eval --checkpoint RUN [--batches N] [key=value ...]
     minicpm export --checkpoint DIR --format gguf|hf ...
-    minicpm data {build,train-tokenizer,train-classifier,score,stats,sft} ...
+    minicpm data {build,train-tokenizer,train-classifier,score,stats,sft,prepare} ...
     minicpm sweep experiments/sweeps/NAME.yaml [--emit-commands]
     minicpm bench {sparse,data,edge,train}
 
-JAX is imported lazily, after the arguments are parsed, so flags that must precede JAX's start (fake CPU devices for
-a dry run) can take effect.
+`import minicpm_jax` imports JAX, but no backend starts before the arguments are parsed, so fake CPU devices for a
+dry run are set through jax.config and XLA_FLAGS (the JAX_PLATFORMS variable is read at import: too late here).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ DEFAULT_CONFIG = REPO / "experiments" / "configs" / "tiny.yaml"
 
 def _set_fake_devices(n: int | None):
     if n:
-        os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+        jax.config.update("jax_platforms", "cpu")
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
@@ -50,9 +51,10 @@ def _load_experiment(args):
     from minicpm_jax.train.config import load_config
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     overrides = list(args.overrides)
-    if getattr(args, "coordinator", None):
-        overrides += ["distributed.mode=explicit", f"distributed.coordinator_address={args.coordinator}",
-                      f"distributed.num_processes={args.num_processes}", f"distributed.process_id={args.process_id}"]
+    if args.coordinator:  # a missing count or id is left unset, so the config's own check names it
+        overrides += ["distributed.mode=explicit", f"distributed.coordinator_address={args.coordinator}"]
+        overrides += [f"distributed.{k}={v}" for k, v in (("num_processes", args.num_processes),
+                                                          ("process_id", args.process_id)) if v is not None]
     return load_config(path, overrides)
 
 
@@ -127,7 +129,7 @@ def _sweep_parser(sub):
     p = sub.add_parser("sweep", help="run (or print launch commands for) a grid of experiment overrides")
     p.add_argument("sweep", help="sweep YAML: base config, grid of keys, metrics to report")
     p.add_argument("--emit-commands", action="store_true", help="print one launch command per point, run nothing")
-    p.add_argument("--launcher", default="", help="prefix for emitted commands (e.g. a cluster submit command)")
+    p.add_argument("--launcher", default="", help="prefix for emitted commands, or a template where {} is the quoted command (sbatch --wrap {})")
     p.add_argument("overrides", nargs="*", help="overrides applied to every point")
     p.set_defaults(func=cmd_sweep)
 
@@ -166,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from minicpm_jax.train.bench import register_bench as register_train_bench
     register_train_bench(bench_sub)
-    _bench_script("sparse").register_bench(bench_sub)
+    if (REPO / "experiments" / "bench" / "bench_sparse.py").exists():  # a repo checkout (not in a built wheel)
+        _bench_script("sparse").register_bench(bench_sub)
     from data_pipeline.cli import register_bench as register_data_bench
     register_data_bench(bench_sub)
     from minicpm_jax.export.cli import register_bench as register_edge_bench

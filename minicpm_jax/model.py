@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from minicpm_jax.attention import dense_attention
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.kv_cache import write_rows
+from minicpm_jax.kv_cache import needs_sparse_cache, write_rows
 from minicpm_jax.layers import MLP, Projection, RMSNorm, dtype_of, hidden_init_std
 from minicpm_jax.rope import apply_rope, rope_cos_sin
 
@@ -222,11 +222,9 @@ def _check_attention(attention: str):
 def uses_sparse(cfg: ModelConfig, attention: str, kv_len: int) -> bool:
     """Whether a full-sequence pass over kv_len tokens takes the InfLLM v2 path (static decision)."""
     _check_attention(attention)
-    if attention == "dense" or cfg.sparse_config is None:
-        if attention == "sparse":
-            raise ValueError("attention='sparse' needs ModelConfig.sparse_config (InfLLM v2 settings); it is None")
-        return False
-    return attention == "sparse" or cfg.sparse_config.use_sparse(kv_len)
+    if attention == "sparse" and cfg.sparse_config is None:
+        raise ValueError("attention='sparse' needs ModelConfig.sparse_config (InfLLM v2 settings); it is None")
+    return needs_sparse_cache(cfg, kv_len, attention)
 
 
 def default_positions(input_ids: jnp.ndarray) -> jnp.ndarray:

@@ -68,15 +68,18 @@ def time_train_step(cfg: ModelConfig, batch: int, seq: int, steps: int = 3, rema
             "tokens_per_s": batch * seq / dt, "flops_per_s": flops / dt, "loss": float(m["loss"])}
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", default="tiny,100m", help=f"comma list of {sorted(CONFIGS)}")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default="tiny,100m", help=f"comma list of {sorted(CONFIGS)}")
-    ap.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=3)
-    args = ap.parse_args(argv)
-    run(args)
+    add_arguments(ap)
+    run(ap.parse_args(argv))
 
 
 def run(args):
@@ -104,11 +107,7 @@ def run(args):
 
 def register_bench(sub):
     p = sub.add_parser("train", help="train-step MFU against the measured matmul peak (tiny and ~100M configs)")
-    p.add_argument("--configs", default="tiny,100m", help=f"comma list of {sorted(CONFIGS)}")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3)
+    add_arguments(p)
     p.set_defaults(func=lambda args: run(args) and 0)
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -47,9 +46,19 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         return self.mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def restore(self, step: int, abstract_state, data_iter=None):
-        """(state, meta) of `step`; the data iterator (if given) is restored in place."""
-        args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    def restore(self, step: int, abstract_state, data_iter=None, *, params_only: bool = False):
+        """(state, meta) of `step`; the data iterator (if given) is restored in place.
+
+        params_only: `abstract_state` is the abstract params tree and only the state's params are read (the optimizer
+        moments, twice the params' bytes, stay on disk); returns (params, meta).
+        """
+        if params_only:
+            item = {"params": abstract_state}
+            state_arg = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                               restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+        else:
+            state_arg = ocp.args.StandardRestore(abstract_state)
+        args = {"state": state_arg, "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
@@ -59,21 +68,18 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}); it is partial or corrupt. Delete "
                 f"{self.directory / str(step)} to resume from an earlier step (available: {self.steps()}).") from e
-        return out.state, out.meta
+        return (out.state["params"] if params_only else out.state), out.meta
 
-    def restore_latest(self, abstract_state, data_iter=None):
+    def restore_latest(self, abstract_state, data_iter=None, *, params_only: bool = False):
         """Restore the newest restorable step: (step, state, meta), or None without checkpoints."""
         for step in reversed(self.steps()):
             try:
-                state, meta = self.restore(step, abstract_state, data_iter)
+                state, meta = self.restore(step, abstract_state, data_iter, params_only=params_only)
                 return step, state, meta
             except CheckpointError as e:
                 log.warning("%s Falling back to the previous checkpoint.", e)
                 print(f"WARNING: {e} Falling back to the previous checkpoint.", flush=True)
         return None
-
-    def restore_meta(self, step: int) -> dict:
-        return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def wait(self):
         self.mngr.wait_until_finished()
@@ -94,8 +100,7 @@ def load_run_params(run_dir: str | Path, step: Optional[int] = None, mesh=None):
     from minicpm_jax.model import abstract_params, param_logical_axes
     from minicpm_jax.sharding import logical_shardings, make_mesh
     from minicpm_jax.train.config import load_config
-    from minicpm_jax.train.optimizer import make_optimizer
-    from minicpm_jax.train.step import abstract_state, state_shardings, with_shardings
+    from minicpm_jax.train.step import with_shardings
 
     paths = run_paths(run_dir)
     if not paths["config"].exists():
@@ -103,27 +108,25 @@ def load_run_params(run_dir: str | Path, step: Optional[int] = None, mesh=None):
     exp = load_config(paths["config"])
     cfg = exp.model_config()
     ap = abstract_params(cfg)
-    tx, _ = make_optimizer(exp.optim, cfg, ap, exp.train.steps)
     mesh = mesh or make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    shardings = state_shardings(mesh, ap, param_logical_axes(cfg), tx)
-    target = with_shardings(abstract_state(ap, tx), shardings)
+    target = with_shardings(ap, logical_shardings(ap, param_logical_axes(cfg), mesh))
     ckpt = Checkpointer(paths["checkpoints"], async_save=False)
     try:
         steps = ckpt.steps()
         if not steps:
             raise FileNotFoundError(f"{paths['checkpoints']}: no committed checkpoint")
         if step is None:
-            restored = ckpt.restore_latest(target)
+            restored = ckpt.restore_latest(target, params_only=True)
             if restored is None:
                 raise CheckpointError(f"{paths['checkpoints']}: no checkpoint could be restored (steps {steps})")
-            _, state, _ = restored
+            _, params, _ = restored
         else:
             if step not in steps:
                 raise FileNotFoundError(f"{paths['checkpoints']}: no step {step} (have {steps})")
-            state, _ = ckpt.restore(step, target)
+            params, _ = ckpt.restore(step, target, params_only=True)
     finally:
         ckpt.close()
-    return exp, cfg, state.params
+    return exp, cfg, params
 
 
 def load_for_export(run_dir: str | Path, step: Optional[int] = None):

@@ -37,32 +37,26 @@ def evaluate_run(run_dir: str | Path, *, batches: int = 32, sources: Optional[Se
     """{source: {"loss", "perplexity", "tokens"}} plus "all" (token-weighted), for the run's latest checkpoint."""
     from data_pipeline.pipeline import make_eval_iterator
     from data_pipeline.prepare import prepare_data
-    from minicpm_jax.train.loop import to_global
+    from minicpm_jax.train.loop import eval_loss
 
     exp = eval_config(run_dir, overrides)
-    _, _, params = load_run_params(run_dir, step)
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    _, _, params = load_run_params(run_dir, step, mesh)
     cfg = exp.model_config()
     dcfg = exp.data_config()
     prepared = prepare_data(exp.data_dir, dcfg, progress=False)
     names = list(sources) if sources else sorted(prepared.shards("eval"))
-    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     shape = (dcfg.batch_size, dcfg.seq_len)
+    bsh = batch_sharding(mesh, shape)
     step_fn = jax.jit(make_eval_step(cfg, attention=exp.train.attention, loss_chunk=exp.train.loss_chunk_size))
     results, tot, n_all = {}, 0.0, 0.0
     with jax.set_mesh(mesh), axis_rules():
         for name in names:
             it = make_eval_iterator(prepared, dcfg, process_index=0, process_count=1, sources=[name])
-            s, n = 0.0, 0.0
-            for _ in range(batches):
-                try:
-                    local = next(it)
-                except StopIteration:
-                    break
-                m = jax.device_get(step_fn(params, to_global(local, batch_sharding(mesh, shape), shape)))
-                s, n = s + float(m["loss_sum"]), n + float(m["target_tokens"])
-            if n:
-                results[name] = {"loss": s / n, "perplexity": math.exp(min(s / n, 50)), "tokens": n}
-                tot, n_all = tot + s, n_all + n
+            r = eval_loss(step_fn, params, it, batches, bsh, shape)
+            if r["tokens"]:
+                results[name] = {k: r[k] for k in ("loss", "perplexity", "tokens")}
+                tot, n_all = tot + r["loss_sum"], n_all + r["tokens"]
     results["all"] = {"loss": tot / max(n_all, 1), "perplexity": math.exp(min(tot / max(n_all, 1), 50)),
                       "tokens": n_all}
     return results

@@ -8,17 +8,17 @@ the global batch (`jax.make_array_from_process_local_data`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import abstract_params, init_params, param_logical_axes, uses_sparse
@@ -93,6 +93,19 @@ def to_global(local: dict, sharding: NamedSharding, global_shape) -> dict:
     return out
 
 
+def eval_loss(eval_fn, params, it, batches: int, sharding: NamedSharding, global_shape) -> dict:
+    """Token-weighted held-out loss of `params` over at most `batches` batches of the eval iterator `it`.
+
+    Returns {"loss", "perplexity", "tokens", "loss_sum"}; eval_fn(params, batch) -> {"loss_sum", "target_tokens"}.
+    """
+    tot = n = 0.0
+    for local in itertools.islice(it, batches):
+        m = to_python(eval_fn(params, to_global(local, sharding, global_shape)))
+        tot, n = tot + m["loss_sum"], n + m["target_tokens"]
+    loss = tot / max(n, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n, "loss_sum": tot}
+
+
 def initial_params(exp: ExperimentConfig, cfg: ModelConfig, mesh):
     """Fresh μP init, or the weights of `train.init_from` (HF dir or run dir) for a new phase."""
     src = exp.train.init_from
@@ -100,9 +113,9 @@ def initial_params(exp: ExperimentConfig, cfg: ModelConfig, mesh):
         return init_params(cfg, jax.random.key(exp.seed), mesh=mesh)
     from minicpm_jax.convert.hf import load_hf
     if (Path(src) / "config.json").exists():
-        src_cfg, params = load_hf(src, dtype=jnp.dtype(cfg.param_dtype), mesh=mesh)
+        _, params = load_hf(src, dtype=jnp.dtype(cfg.param_dtype), mesh=mesh)
     else:
-        _, src_cfg, params = load_run_params(src, exp.train.init_from_step, mesh)
+        _, _, params = load_run_params(src, exp.train.init_from_step, mesh)
     want = abstract_params(cfg)
     bad = [jax.tree_util.keystr(p) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(want),
                                                            jax.tree.leaves(params)) if a.shape != b.shape]
@@ -194,16 +207,8 @@ def run(exp: ExperimentConfig) -> RunSummary:
 
     def evaluate(params) -> dict:
         it = make_eval_iterator(prepared, dcfg, process_index=pidx, process_count=pcount)
-        tot, n = 0.0, 0.0
-        for _ in range(exp.train.eval_batches):
-            try:
-                local = next(it)
-            except StopIteration:
-                break
-            m = to_python(eval_fn(params, to_global(local, bsh, (global_batch, seq_len))))
-            tot, n = tot + m["loss_sum"], n + m["target_tokens"]
-        loss = tot / max(n, 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
+        r = eval_loss(eval_fn, params, it, exp.train.eval_batches, bsh, (global_batch, seq_len))
+        return {k: r[k] for k in ("loss", "perplexity", "tokens")}
 
     peak = measure_matmul_peak(jnp.dtype(cfg.dtype)) * jax.device_count()
     flops_tok = train_flops_per_token(cfg, seq_len)

@@ -124,7 +124,9 @@ def run_sweep(path: str | Path, *, emit_commands: bool = False, launcher: str = 
     points = expand(spec)
     if emit_commands:
         for p in points:
-            print((launcher + " " if launcher else "") + shlex.join(command(spec, p, extra)))
+            cmd = shlex.join(command(spec, p, extra))
+            # "{}" in the launcher takes the command as one quoted argument (e.g. sbatch --wrap {})
+            print(launcher.replace("{}", shlex.quote(cmd)) if "{}" in launcher else f"{launcher} {cmd}".strip())
         return []
     results = []
     for i, p in enumerate(points):

@@ -55,6 +55,20 @@ def test_sweep_expands_the_grid_and_emits_commands(tmp_path):
         load_sweep(f)
 
 
+def test_emitted_commands_with_a_launcher_template(tmp_path, capsys):
+    import shlex
+    from minicpm_jax.train.sweep import run_sweep
+    f = tmp_path / "s.yaml"
+    f.write_text("name: demo\nbase: experiments/configs/tiny.yaml\ngrid:\n  optim.peak_lr: [0.003, 0.01]\n")
+    run_sweep(f, emit_commands=True, launcher="sbatch --wrap {}")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    argv = shlex.split(lines[1])
+    assert argv[:2] == ["sbatch", "--wrap"] and len(argv) == 3 and "optim.peak_lr=0.01" in argv[2]
+    run_sweep(f, emit_commands=True, launcher="srun")
+    assert capsys.readouterr().out.splitlines()[0].startswith("srun ")
+
+
 def test_shipped_sweeps_expand():
     import glob
     files = glob.glob("experiments/sweeps/*.yaml")
