@@ -363,7 +363,3 @@ def format_rounds(report: dict) -> str:
         for s, m in report["rounds"][-1]["heldout_by_source"].items():
             lines.append(f"  {s:24s} docs={m['docs']:5d} mean={m['mean_score']:.3f} kept={m['kept']:.3f}")
     return "\n".join(lines)
-
-
-def json_dumps(x) -> str:
-    return json.dumps(x, indent=2, ensure_ascii=False)

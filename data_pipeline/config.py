@@ -21,8 +21,6 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 TASKS = ("pretrain", "sft")
 CLASSIFIER_TOKENIZATIONS = ("spm", "simple")
-# Source selectors accepted in `sources`: a tier name, "auto" (every tier whose inputs are present), or a source name.
-SOURCE_TIERS = ("auto", "pip", "system", "debian")
 
 
 def _check(cond: bool, field: str, msg: str) -> None:

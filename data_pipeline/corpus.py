@@ -161,7 +161,8 @@ def _user_docs(paths: Sequence[str], cfg: DataConfig, report: DropReport) -> dic
     return out
 
 
-def _cap(docs: list[dict], max_docs: int, max_bytes: int) -> list[dict]:
+def _cap(docs: Iterable[dict], max_docs: int, max_bytes: int) -> list[dict]:
+    """The leading documents within the caps; stops reading a lazy iterable at the cap."""
     out, size = [], 0
     for d in docs:
         if len(out) >= max_docs or size >= max_bytes:
@@ -184,12 +185,7 @@ def _source_docs(src: S.Source, ctx: S.SourceContext, cfg: DataConfig) -> list[d
 
     if src.eval_fraction == 0:
         # One split: read lazily and stop at the caps (file-based readers yield in a seeded random order).
-        docs, size = [], 0
-        for d in docs_of(src.read(ctx), "eval" if src.heldout else "train"):
-            if len(docs) >= cfg.max_docs_per_source or size >= max_bytes:
-                break
-            docs.append(d)
-            size += len(d["text"].encode("utf-8"))
+        docs = _cap(docs_of(src.read(ctx), "eval" if src.heldout else "train"), cfg.max_docs_per_source, max_bytes)
         random.Random(f"{cfg.seed}/{src.name}").shuffle(docs)
         return docs
     # A training source with an eval tail: the tail is the last units in reading order (e.g. the last days of
@@ -245,15 +241,7 @@ def build_corpus(out_dir: str | Path, cfg: DataConfig, *, report: Optional[DropR
 
     pkgs = S.debian_packages(wanted)
     if pkgs:
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else debian.default_cache_dir()
-        if cfg.download:
-            fetched = debian.fetch_packages(pkgs, cache)
-        else:  # use whatever an earlier build left in the cache, download nothing
-            root = cache / "debian" / "root"
-            stamps = cache / "debian" / "stamps"
-            fetched = debian.FetchResult(root=root, extracted=[p for p in pkgs if (stamps / f"{p}.ok").exists()])
-            fetched.errors = {p: "not in the cache and data.download is false" for p in pkgs
-                              if p not in fetched.extracted}
+        fetched = debian.fetch_packages(pkgs, cfg.cache_dir, download=cfg.download)
         ctx.debian_root = fetched.root
         for src in wanted:
             missing = [p for p in src.packages if p not in fetched.extracted]
@@ -323,7 +311,7 @@ def write_corpus(out_dir: Path, per_source: dict[str, list[dict]], cfg: DataConf
             b["bytes"] += len(r["text"].encode("utf-8"))
     tiers = sorted({m["tier"] for m in src_meta.values()})
     return {"sources": src_meta, "total": totals, "by_lang": by_lang, "tiers_used": tiers,
-            "pip_only": tiers == ["pip"] or not any(t in ("system", "debian") for t in tiers)}
+            "pip_only": not any(t in ("system", "debian") for t in tiers)}
 
 
 # ---------------------------------------------------------------- reading back

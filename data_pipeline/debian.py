@@ -61,22 +61,26 @@ def _apt_download(pkgs: list[str], debs: Path, opts: list[str]) -> tuple[bool, s
     return r.returncode == 0, (r.stderr or r.stdout).strip()[-500:]
 
 
-def fetch_packages(packages: Iterable[str], cache_dir: str | Path | None = None) -> FetchResult:
-    """Make `packages` available under `<cache>/debian/root`; download only those not extracted before.
+def fetch_packages(packages: Iterable[str], cache_dir: str | Path | None = None,
+                   download: bool = True) -> FetchResult:
+    """Make `packages` available under `<cache>/debian/root`; download only those not extracted before
+    (with download=False, report the missing ones and touch nothing).
 
     Returns which packages are available and, for the others, why not. Never raises for apt/network trouble.
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     base = cache / "debian"
     root, debs, stamps = base / "root", base / "debs", base / "stamps"
-    for d in (root, debs, stamps):
-        d.mkdir(parents=True, exist_ok=True)
-    res = FetchResult(root=root)
     wanted = sorted(set(packages))
-    todo = [p for p in wanted if not (stamps / f"{p}.ok").exists()]
-    res.extracted = [p for p in wanted if p not in todo]
+    res = FetchResult(root=root, extracted=[p for p in wanted if (stamps / f"{p}.ok").exists()])
+    todo = [p for p in wanted if p not in res.extracted]
     if not todo:
         return res
+    if not download:
+        res.errors = {p: "not in the cache and data.download is false" for p in todo}
+        return res
+    for d in (root, debs, stamps):
+        d.mkdir(parents=True, exist_ok=True)
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         for p in todo:
             res.errors[p] = "apt-get/dpkg-deb not found (not a Debian-based system)"

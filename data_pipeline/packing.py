@@ -18,9 +18,6 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
-
-
 class ChunkDocument(grain.experimental.FlatMapTransform):
     """{"tokens", "loss_mask"} -> pieces of at most seq_len tokens (the last may be shorter); empty docs vanish."""
 

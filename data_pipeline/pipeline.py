@@ -183,14 +183,6 @@ def _expand(p: Union[str, Path]) -> list[str]:
     return [p]
 
 
-def _source_name(path: str) -> str:
-    name = Path(path).name
-    for suffix in (records.SHARD_SUFFIX, ".parquet"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name.split("-00")[0]
-
-
 def resolve_inputs(prepared_or_paths: Paths, cfg: DataConfig, classifier: Any = None) -> Inputs:
     """PreparedData | a prepared workdir | a directory or glob of shards | a list of paths | {source: [paths]}.
     `classifier` (a QualityClassifier or its directory) scores text records that carry no score."""
@@ -208,7 +200,7 @@ def resolve_inputs(prepared_or_paths: Paths, cfg: DataConfig, classifier: Any = 
         paths = [q for p in ([x] if isinstance(x, (str, Path)) else x) for q in _expand(p)]
         train = {}
         for p in paths:
-            train.setdefault(_source_name(p), []).append(p)
+            train.setdefault(records.shard_prefix(p), []).append(p)
     tok = None
     if cfg.tokenizer.path:
         from data_pipeline.tokenizer import Tokenizer
@@ -362,8 +354,7 @@ def make_eval_dataset(prepared_or_paths: Paths, cfg: DataConfig, *, process_inde
     paths = sorted(p for s in names for p in inputs.eval[s])
     if not paths:
         raise ValueError("no eval shards to read")
-    eval_cfg = dataclasses.replace(cfg, num_packing_bins=max(1, cfg.num_packing_bins))
-    rows = _rows(paths, min_score=0.0, cfg=eval_cfg, inputs=inputs, process_index=pi, process_count=pc,
+    rows = _rows(paths, min_score=0.0, cfg=cfg, inputs=inputs, process_index=pi, process_count=pc,
                  seed=cfg.seed, num_epochs=1, shuffle=False)
     return _finish(rows, cfg, inputs, drop_remainder=False, num_workers=0)
 

@@ -57,10 +57,6 @@ class PreparedData:
     def classifier(self) -> Optional[K.QualityClassifier]:
         return K.QualityClassifier.load(self.classifier_dir) if self.classifier_dir else None
 
-    @property
-    def sources_used(self) -> list[str]:
-        return list(self.summary.get("corpus", {}).get("sources", {}))
-
 
 def load_prepared(workdir: str | Path) -> PreparedData:
     """PreparedData of an earlier prepare_data run (reads workdir/prepared.json)."""
@@ -242,7 +238,9 @@ def prepare_data(workdir: str | Path, cfg: DataConfig, *, progress: bool = True)
     lines_by_id: Optional[dict[str, str]] = None  # classifier inputs, computed once for training and scoring
     if cfg.task == "pretrain":
         clf_dir = w / "classifier"
-        clf_key = _fp(tok_key, dataclasses.asdict(cfg.classifier), cfg.seed)
+        # threshold only labels reports; the model and the stored scores do not depend on it (see module doc)
+        clf_cfg = {k: v for k, v in dataclasses.asdict(cfg.classifier).items() if k != "threshold"}
+        clf_key = _fp(tok_key, clf_cfg, cfg.seed)
         cached = _cached(clf_dir, clf_key)
         if not cached:
             lines_by_id = K.preprocess_corpus(corpus_dir, cfg.classifier.tokenization, str(tok_dir.resolve()))
@@ -284,8 +282,8 @@ def prepare_data(workdir: str | Path, cfg: DataConfig, *, progress: bool = True)
         tok_out = w / "sft" / "tokens"
         cached = True
         token_stats = sft_summary.get("sources", {})
-        names = sorted({p.name.split("-00")[0] for p in records.list_shards(tok_out / "train")} |
-                       {p.name.split("-00")[0] for p in records.list_shards(tok_out / "eval")})
+        names = sorted({records.shard_prefix(p) for split in ("train", "eval")
+                        for p in records.list_shards(tok_out / split)})
         train = {n: records.list_shards(tok_out / "train", n) for n in names}
         evals = {n: records.list_shards(tok_out / "eval", n) for n in names}
     train = {k: v for k, v in train.items() if v}

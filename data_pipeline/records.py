@@ -94,6 +94,15 @@ def shard_name(prefix: str, index: int, count: int) -> str:
     return f"{prefix}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}"
 
 
+def shard_prefix(path: str | Path) -> str:
+    """The prefix (source name) of a shard written by write_shards, or of a Parquet file: shard_name's inverse."""
+    name = Path(path).name
+    for suffix in (SHARD_SUFFIX, ".parquet"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name.split("-00")[0]
+
+
 def write_shards(records: Iterable[bytes], out_dir: str | Path, prefix: str,
                  max_shard_bytes: int = 256 << 20) -> list[Path]:
     """Write serialized records to `<prefix>-XXXXX-of-YYYYY.array_record` shards of at most ~max_shard_bytes.
@@ -146,17 +155,6 @@ def read_shards(paths: Sequence[str | Path]) -> Iterator[bytes]:
                 yield from reader.read(list(range(start, min(n, start + step))))
         finally:
             reader.close()
-
-
-def count_records(paths: Sequence[str | Path]) -> int:
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    total = 0
-    for p in paths:
-        r = ArrayRecordReader(str(p))
-        total += r.num_records()
-        r.close()
-    return total
 
 
 def list_shards(directory: str | Path, prefix: str | None = None) -> list[Path]:

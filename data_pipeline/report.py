@@ -8,7 +8,6 @@ summarised at the end: how many were dropped and why.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -56,10 +55,6 @@ class DropReport:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def merge(self, other: "DropReport") -> None:
-        self.counts.update(other.counts)
-        self.kept.extend(other.kept[: max(0, self.max_kept - len(self.kept))])
-
     def summary(self) -> dict[str, Any]:
         by_reason: collections.Counter = collections.Counter()
         by_file: dict[str, dict[str, int]] = collections.defaultdict(dict)
@@ -85,7 +80,3 @@ class DropReport:
 
         write_jsonl(path, self.kept)
         return Path(path)
-
-
-def summary_to_text(summary: dict) -> str:
-    return json.dumps(summary, indent=2, ensure_ascii=False)

@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
-
 from data_pipeline import corpus as C
 from data_pipeline import records
 from data_pipeline.classifier import QualityClassifier
@@ -63,10 +61,3 @@ def score_files(inputs: Sequence[str | Path], classifier_dir: str | Path, out_pa
     dt = time.time() - t0
     return {"docs": n, "kept": kept, "kept_share": round(kept / n, 4) if n else None, "threshold": thr,
             "docs_per_s": round(n / dt, 1) if dt > 0 else None, "output": str(out_path), "dropped": report.summary()}
-
-
-def scores_of(path: str | Path) -> np.ndarray:
-    import json
-
-    with open(path, encoding="utf-8") as f:
-        return np.asarray([json.loads(line)["score"] for line in f], np.float32)

@@ -219,15 +219,7 @@ def build_sft(out_dir: str | Path, cfg: DataConfig, tok: Tokenizer, *, report: O
     pkgs = sorted({p for n in names for p in QA_SOURCES[n][1]})
     root, unavailable = None, {}
     if pkgs:
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else debian.default_cache_dir()
-        if cfg.download:
-            fetched = debian.fetch_packages(pkgs, cache)
-        else:
-            stamps = cache / "debian" / "stamps"
-            fetched = debian.FetchResult(root=cache / "debian" / "root",
-                                         extracted=[p for p in pkgs if (stamps / f"{p}.ok").exists()])
-            fetched.errors = {p: "not in the cache and data.download is false" for p in pkgs
-                              if p not in fetched.extracted}
+        fetched = debian.fetch_packages(pkgs, cfg.cache_dir, download=cfg.download)
         root = fetched.root
         for n in names:
             missing = [p for p in QA_SOURCES[n][1] if p not in fetched.extracted]

@@ -16,6 +16,7 @@ classifier by source (and, if hq, the LM).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import html.parser
 import importlib.metadata
@@ -164,6 +165,7 @@ def paragraphs(text: str) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
@@ -185,6 +187,18 @@ def _stdlib_key(p: Path) -> str:
 
 def _doc_key(p: Path) -> str:
     return str(p.relative_to("/usr/share"))
+
+
+def _file_texts(files: Iterable[Path], ctx: SourceContext, salt: str, key: Callable,
+                dedupe: bool = False) -> Iterator[str]:
+    """Non-blank texts of `files` in seeded order (see `shuffled`); unreadable files are reported and skipped."""
+    seen: set[int] = set()
+    for p in shuffled(files, ctx, salt, key):
+        text = read_text_file(p, ctx.report)
+        if not text or not text.strip() or (dedupe and hash(text) in seen):
+            continue
+        seen.add(hash(text))
+        yield text
 
 
 def _stdlib_files() -> list[Path]:
@@ -239,10 +253,7 @@ _SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_te
 
 
 def _read_stdlib_code(ctx: SourceContext) -> Iterator[str]:
-    for p in shuffled(_stdlib_files(), ctx, "code", _stdlib_key):
-        text = read_text_file(p, ctx.report)
-        if text and text.strip():
-            yield text
+    return _file_texts(_stdlib_files(), ctx, "code", _stdlib_key)
 
 
 # A triple-quoted string at the start of a module or right after a one-line `def`/`class` header. A regex, not
@@ -327,27 +338,16 @@ def _doc_files(patterns: tuple[str, ...]) -> list[Path]:
 
 
 def _read_changelogs(ctx: SourceContext) -> Iterator[str]:
-    for p in shuffled(_doc_files(("*/changelog.Debian.gz", "*/changelog.gz")), ctx, "changelogs", _doc_key):
-        text = read_text_file(p, ctx.report)
-        if text and text.strip():
-            yield text
+    return _file_texts(_doc_files(("*/changelog.Debian.gz", "*/changelog.gz")), ctx, "changelogs", _doc_key)
 
 
 def _read_copyright(ctx: SourceContext) -> Iterator[str]:
-    seen = set()
-    for p in shuffled(_doc_files(("*/copyright",)), ctx, "copyright", _doc_key):
-        text = read_text_file(p, ctx.report)
-        if text and text.strip() and hash(text) not in seen:
-            seen.add(hash(text))
-            yield text
+    return _file_texts(_doc_files(("*/copyright",)), ctx, "copyright", _doc_key, dedupe=True)
 
 
 def _read_man_roff(ctx: SourceContext) -> Iterator[str]:
     files = [p for sec in range(1, 9) for p in Path(f"/usr/share/man/man{sec}").glob("*.gz")]
-    for p in shuffled(files, ctx, "man", _doc_key):
-        text = read_text_file(p, ctx.report)
-        if text and text.strip():
-            yield text
+    return _file_texts(files, ctx, "man", _doc_key)
 
 
 # ---------------------------------------------------------------- debian tier (fetched packages)

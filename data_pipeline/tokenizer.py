@@ -18,8 +18,6 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-import numpy as np
-
 log = logging.getLogger("data_pipeline")
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -317,7 +315,7 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self._render(messages[:i], True) if i else self._render(messages[:0] or [], True)
+            before = self._render(messages[:i], True)
             upto = self._render(messages[: i + 1], False)
             if not text.startswith(upto) or not upto.startswith(before):
                 raise ValueError("chat template renderings are not prefixes of each other; cannot locate replies")
@@ -529,7 +527,3 @@ def bytes_per_token(tok: Tokenizer, texts: Iterable[str]) -> float:
         nbytes += len(t.encode("utf-8"))
         ntok += len(tok.encode(t))
     return nbytes / max(ntok, 1)
-
-
-def as_array(ids: Sequence[int]) -> np.ndarray:
-    return np.asarray(ids, dtype=np.int32)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from data_pipeline.config import DataConfig, MixtureComponent
 from data_pipeline.packing import unpack_rows
 from data_pipeline.pipeline import make_train_iterator
@@ -66,7 +64,6 @@ def test_efficient_verification_candidate_arm(prepared, data_cfg, token_docs):
     counts_a = token_shares(prepared, data_cfg.replace(mixture=default.mixture), token_docs, n_batches=100)
     low_a = sum(n for (_, s), n in counts_a.items() if s < 0.5) / sum(counts_a.values())
     assert abs(low_a - base_low) < 0.08 and low < low_a
-    assert np.isfinite(low)
 
 
 def test_a_filter_that_keeps_nothing_fails_instead_of_hanging(prepared, data_cfg):

@@ -43,6 +43,10 @@ def test_cached_steps_are_skipped_and_changes_rebuild_only_downstream(prepared, 
     # another threshold changes nothing on disk: filtering happens in the pipeline
     cfg = data_cfg.replace(classifier=dataclasses.replace(data_cfg.classifier, threshold=0.7))
     prepare_data(w, cfg, progress=False)
+    assert stamps(w) == before
+    # a classifier setting rebuilds the classifier and the token shards, not the corpus or tokenizer
+    cfg = data_cfg.replace(classifier=dataclasses.replace(data_cfg.classifier, confident_pos=0.95))
+    prepare_data(w, cfg, progress=False)
     after = stamps(w)
     assert after["corpus"] == before["corpus"] and after["tokenizer"] == before["tokenizer"]
     assert after["classifier"] != before["classifier"] and after["tokens"] != before["tokens"]

@@ -129,9 +129,9 @@ def test_real_faqs_when_debian_packages_are_available(tmp_path, tokenizer, data_
         sources=("python_faq_en", "debian_faq_en", "debian_faq_zh"), max_per_source=40))
     try:
         s = build_sft(tmp_path / "sft", cfg, tokenizer)
-    except ValueError as e:  # nothing could be fetched
+    except ValueError as e:  # nothing could be fetched: the FAQ parsers were not exercised
         assert "unavailable" in str(e)
-        return
+        pytest.skip(f"no Debian FAQ package could be fetched: {e}")
     for name in ("python_faq_en", "debian_faq_en", "debian_faq_zh"):
         if name in s["sources"]:
             assert s["sources"][name]["conversations"] == 40
