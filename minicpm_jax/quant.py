@@ -36,9 +36,14 @@ def ternary_codes(w: jnp.ndarray, in_dims: int, group_size: int = -1):
     return codes.astype(jnp.int8).reshape(w.shape), scale[:, 0]
 
 
-def ternary_fake_quant(w: jnp.ndarray, in_dims: int, group_size: int = -1) -> jnp.ndarray:
-    """Ternary-quantised w (same shape/dtype) with straight-through gradients."""
+def ternary_values(w: jnp.ndarray, in_dims: int, group_size: int = -1) -> jnp.ndarray:
+    """The ternary weights codes * scale (float32, shape of w): what the QAT forward multiplies by."""
     wg, _ = _grouped(w.astype(jnp.float32), in_dims, group_size)
     scale = jnp.maximum(jnp.mean(jnp.abs(wg), axis=1, keepdims=True), EPS)
-    q = (jnp.clip(jnp.round(wg / scale), -1, 1) * scale).reshape(w.shape).astype(w.dtype)
+    return (jnp.clip(jnp.round(wg / scale), -1, 1) * scale).reshape(w.shape)
+
+
+def ternary_fake_quant(w: jnp.ndarray, in_dims: int, group_size: int = -1) -> jnp.ndarray:
+    """Ternary-quantised w (same shape/dtype) with straight-through gradients."""
+    q = ternary_values(w, in_dims, group_size).astype(w.dtype)
     return w + jax.lax.stop_gradient(q - w)

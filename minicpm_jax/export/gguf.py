@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import gguf
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.export import gguf_tokenizer, qtypes
@@ -74,8 +74,7 @@ class _Planned:
 
     @property
     def nbytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.choice.ggml_type]
-        return int(np.prod(self.shape[:-1], dtype=np.int64)) * (self.shape[-1] // block) * size
+        return int(np.prod(gguf.quants.quant_shape_to_byte_shape(self.shape, self.choice.ggml_type), dtype=np.int64))
 
 
 def rope_factor_arrays(cfg: ModelConfig) -> Optional[dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.convert.hf import hf_tensors_to_params
-from minicpm_jax.export.weights import export_tensors, hf_array, unpermute_qk
+from minicpm_jax.export.weights import export_tensors, hf_array, qk_heads, unpermute_qk
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]:
@@ -30,36 +30,36 @@ def read_tensors(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, gguf.GG
     return out
 
 
-def dequantized_hf_tensors(path: str | os.PathLike, cfg: ModelConfig, *, unpermute: bool = True
+def dequantized_hf_tensors(path: str | os.PathLike, cfg: ModelConfig, stored: Optional[dict] = None
                            ) -> dict[str, np.ndarray]:
-    """The file's weights as HF tensors (q/k rows back in HF order), for `hf_tensors_to_params`."""
-    stored = read_tensors(path)
+    """The file's weights as HF tensors (q/k rows back in HF order), for `hf_tensors_to_params`.
+    stored: `read_tensors(path)` when the caller already has it."""
+    stored = read_tensors(path) if stored is None else stored
     out = {}
     for t in export_tensors(cfg):
         if t.gguf_name not in stored:
             raise ValueError(f"{path}: tensor {t.gguf_name!r} (HF {t.hf_name}) is missing")
-        w = stored[t.gguf_name][0]
-        out[t.hf_name] = _hf_rows(cfg, t.gguf_name, w) if unpermute else w
+        out[t.hf_name] = _hf_rows(cfg, t.gguf_name, stored[t.gguf_name][0])
     return out
 
 
 def _hf_rows(cfg: ModelConfig, gguf_name: str, w: np.ndarray) -> np.ndarray:
     """q/k rows from llama.cpp's rope order back to HF's; other tensors unchanged."""
-    if gguf_name.endswith("attn_q.weight"):
-        return unpermute_qk(w, cfg.num_attention_heads)
-    if gguf_name.endswith("attn_k.weight"):
-        return unpermute_qk(w, cfg.num_key_value_heads)
-    return w
+    n_head = qk_heads(cfg, gguf_name)
+    return w if n_head is None else unpermute_qk(w, n_head)
 
 
-def reference_model(path: str | os.PathLike, cfg: ModelConfig) -> tuple[ModelConfig, dict]:
+def reference_model(path: str | os.PathLike, cfg: ModelConfig, hf_tensors: Optional[dict] = None
+                    ) -> tuple[ModelConfig, dict]:
     """(cfg, params) whose JAX forward is the exact reference for the GGUF at `path`.
 
     The weights are the file's dequantized ones; `weight_quant` is switched off because a ternary model's file
     already holds its ternary values (quantizing them again would change their scale).
     """
     ref_cfg = cfg.replace(weight_quant="none", param_dtype="float32", dtype="float32")
-    return ref_cfg, hf_tensors_to_params(ref_cfg, dequantized_hf_tensors(path, cfg), dtype=jnp.float32)
+    if hf_tensors is None:
+        hf_tensors = dequantized_hf_tensors(path, cfg)
+    return ref_cfg, hf_tensors_to_params(ref_cfg, hf_tensors, dtype=jnp.float32)
 
 
 def ternary_export_error(cfg: ModelConfig, params, gguf_path: str | os.PathLike,
@@ -74,13 +74,13 @@ def ternary_export_error(cfg: ModelConfig, params, gguf_path: str | os.PathLike,
     if cfg.weight_quant != "ternary":
         raise ValueError("ternary_export_error: cfg.weight_quant is not 'ternary'")
     stored = read_tensors(gguf_path)
+    filed = dequantized_hf_tensors(gguf_path, cfg, stored)
     per, worst = {}, 0.0
     for t in export_tensors(cfg):
         if t.kind != "matrix":
             continue
         want = hf_array(cfg, params, t)
-        w, qt = stored[t.gguf_name]
-        w = _hf_rows(cfg, t.gguf_name, w)
+        w, qt = filed[t.hf_name], stored[t.gguf_name][1]
         rel = float(np.abs(w - want).max() / max(np.abs(want).max(), 1e-30))
         per[t.gguf_name] = (qt.name, rel)
         worst = max(worst, rel)
@@ -89,9 +89,9 @@ def ternary_export_error(cfg: ModelConfig, params, gguf_path: str | os.PathLike,
         from minicpm_jax.model import forward
 
         ids = jnp.asarray(input_ids, jnp.int32)
-        ref_cfg, ref_params = reference_model(gguf_path, cfg)
+        ref_cfg, ref_params = reference_model(gguf_path, cfg, filed)
         qat = np.asarray(forward(params, cfg, ids))
-        filed = np.asarray(forward(ref_params, ref_cfg, ids))
-        out["max_logit_abs_err"] = float(np.abs(qat - filed).max())
+        got = np.asarray(forward(ref_params, ref_cfg, ids))
+        out["max_logit_abs_err"] = float(np.abs(qat - got).max())
         out["max_abs_logit"] = float(np.abs(qat).max())
     return out

@@ -24,6 +24,7 @@ The directory appears only when complete (written beside it, then renamed).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,11 +33,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.convert.hf import hf_tensors_to_params, replace_dir, save_hf
-from minicpm_jax.export.weights import iter_hf_arrays
+from minicpm_jax.convert.hf import replace_dir, save_hf
+from minicpm_jax.export.weights import _KERNEL_IN_DIMS
+from minicpm_jax.quant import ternary_values
 
 log = logging.getLogger("minicpm_jax.export")
 REMOTE_CODE_FILES = ("configuration_minicpm.py", "modeling_minicpm.py")
@@ -52,9 +55,15 @@ def exported_params(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
     values and `weight_quant` is off (the values are already quantized); otherwise the inputs unchanged."""
     if cfg.weight_quant != "ternary":
         return cfg, params
-    plain = cfg.replace(weight_quant="none")
-    tensors = {t.hf_name: w for t, w in iter_hf_arrays(cfg, params)}
-    return plain, hf_tensors_to_params(plain, tensors, dtype=jnp.float32)
+
+    def fake_quant(path, x):                 # on device, leaf by leaf: no host copy of the whole model
+        keys = [k.key for k in path]
+        if keys[-1] != "kernel":
+            return x
+        q = functools.partial(ternary_values, in_dims=_KERNEL_IN_DIMS[keys[-2]], group_size=cfg.quant_group_size)
+        return jnp.stack([q(w) for w in x]) if keys[0] == "layers" else q(x)
+
+    return cfg.replace(weight_quant="none"), jax.tree_util.tree_map_with_path(fake_quant, params)
 
 
 def export_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params, tokenizer: Any = None, *,

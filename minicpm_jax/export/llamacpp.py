@@ -144,10 +144,6 @@ def tokenize(llm, text: str, *, special: bool = True, add_bos: bool = False) -> 
     return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
 
-_FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-           "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
-
-
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, n_threads: Optional[int] = None) -> list[str]:
     """llama.cpp's own quantizer (`llama_model_quantize`), for the K-quants gguf-py cannot write.
 
@@ -157,10 +153,12 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, n_threa
     """
     import llama_cpp
 
-    if qtype not in _FTYPES:
-        raise ValueError(f"llama.cpp quantization type {qtype!r} is not one of {sorted(_FTYPES)}")
+    from minicpm_jax.export.qtypes import FILE_TYPE, LLAMACPP_QTYPES
+
+    if qtype not in LLAMACPP_QTYPES:
+        raise ValueError(f"llama.cpp quantization type {qtype!r} is not one of {LLAMACPP_QTYPES}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, _FTYPES[qtype])
+    params.ftype = int(FILE_TYPE[qtype])        # gguf's LlamaFileType == llama.cpp's LLAMA_FTYPE_* values
     params.nthread = int(n_threads or 0)        # 0: llama.cpp uses the hardware concurrency
     with _llama_log() as log_lines:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)

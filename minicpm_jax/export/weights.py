@@ -11,14 +11,14 @@ adjacent-pair layout of llama.cpp's `LLAMA_ROPE_TYPE_NORM` (arch `minicpm`), wit
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional
+from typing import Optional
 
 import jax
 import numpy as np
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.convert.hf import TensorSpec, tensor_specs
-from minicpm_jax.quant import ternary_codes
+from minicpm_jax.quant import ternary_values
 
 # HF name (layer part with {i}) -> GGUF name ({i} -> blk index)
 _GGUF_NAMES = {
@@ -133,33 +133,29 @@ def hf_array(cfg: ModelConfig, params, t: ExportTensor) -> np.ndarray:
     """The float32 HF-layout value of one tensor: what the model computes with.
 
     Under ternary QAT (`cfg.weight_quant == "ternary"`) attention/MLP matrices are their ternary values
-    `codes * scale` (quant.ternary_codes), which is what the QAT forward pass multiplies by.
+    `codes * scale` (quant.ternary_values), which is what the QAT forward pass multiplies by.
     """
     leaf = params
     for p in t.spec.path:
         leaf = leaf[p]
     x = leaf[t.layer] if t.layer is not None else leaf
     if t.kind == "matrix" and cfg.weight_quant == "ternary":
-        in_dims = _KERNEL_IN_DIMS[t.spec.path[-2]]
-        codes, scale = ternary_codes(x, in_dims, cfg.quant_group_size)
-        n_in = int(np.prod(x.shape[:in_dims]))
-        g = n_in if cfg.quant_group_size == -1 else cfg.quant_group_size
-        c = np.asarray(codes, np.float32).reshape(n_in // g, g, -1)
-        x = (c * np.asarray(scale, np.float32)[:, None, :]).reshape(x.shape)
+        x = ternary_values(x, _KERNEL_IN_DIMS[t.spec.path[-2]], cfg.quant_group_size)
     x = np.asarray(jax.device_get(x), dtype=np.float32)
     return np.ascontiguousarray(t.spec.to_hf(x), dtype=np.float32)
+
+
+def qk_heads(cfg: ModelConfig, gguf_name: str) -> Optional[int]:
+    """The head count whose rows llama.cpp's rope permutes (q: n_head, k: n_kv_head); None for other tensors."""
+    if gguf_name.endswith("attn_q.weight"):
+        return cfg.num_attention_heads
+    if gguf_name.endswith("attn_k.weight"):
+        return cfg.num_key_value_heads
+    return None
 
 
 def gguf_array(cfg: ModelConfig, params, t: ExportTensor, permute: bool = True) -> np.ndarray:
     """`hf_array` with q/k rows in llama.cpp's rope order (unless permute=False: the negative control)."""
     w = hf_array(cfg, params, t)
-    if permute and t.gguf_name.endswith("attn_q.weight"):
-        w = permute_qk(w, cfg.num_attention_heads)
-    elif permute and t.gguf_name.endswith("attn_k.weight"):
-        w = permute_qk(w, cfg.num_key_value_heads)
-    return w
-
-
-def iter_hf_arrays(cfg: ModelConfig, params) -> Iterator[tuple[ExportTensor, np.ndarray]]:
-    for t in export_tensors(cfg):
-        yield t, hf_array(cfg, params, t)
+    n_head = qk_heads(cfg, t.gguf_name) if permute else None
+    return w if n_head is None else permute_qk(w, n_head)
