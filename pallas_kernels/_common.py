@@ -104,7 +104,19 @@ def unpad_groups(x, hkv: int, g: int):
     return x.reshape(b, t, hkv, gp, d)[:, :, :, :g].reshape(b, t, hkv * g, d)
 
 
-def pad_last(x, n: int, value=0):
-    if x.shape[-1] == n:
+def pad_axis(x, axis: int, n: int, value=0):
+    """x with `axis` padded to length n with `value`."""
+    if x.shape[axis] == n:
         return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])], constant_values=value)
+    w = [(0, 0)] * x.ndim
+    w[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, w, constant_values=value)
+
+
+def pad_last(x, n: int, value=0):
+    return pad_axis(x, -1, n, value)
+
+
+def small_kv(x, block_size: int):
+    """[B, T, H, D] shorter than one block -> zero-padded to one block (kernels read whole blocks; tiny copy)."""
+    return pad_axis(x, 1, max(x.shape[1], block_size))

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import MASK_VALUE, block_start, compiler_params, next_pow2, pad_groups, resolve_interpret, \
-    unpad_groups
-from pallas_kernels.infllm_v2_fwd import fwd_call, infllm_v2_fwd_reference, padded_rows, prepare_lists, small_kv
+from pallas_kernels._common import MASK_VALUE, block_start, compiler_params, next_pow2, pad_axis, pad_groups, \
+    resolve_interpret, small_kv, unpad_groups
+from pallas_kernels.infllm_v2_fwd import fwd_call, infllm_v2_fwd_reference, padded_rows, prepare_lists
 
 
 # ----------------------------------------------------------------------------------------------------------- dq
@@ -180,14 +180,6 @@ def dkdv_chunk(g: int, interpret: bool) -> int:
 
 
 # --------------------------------------------------------------------------------------------- differentiable op
-def _pad_axis(x, axis, n, value=0):
-    if x.shape[axis] == n:
-        return x
-    w = [(0, 0)] * x.ndim
-    w[axis] = (0, n - x.shape[axis])
-    return jnp.pad(x, w, constant_values=value)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def infllm_v2_attention_op(q, k, v, idx, count, pos, block_size: int, interpret: bool, min_rows: Optional[int],
                            sm_scale: Optional[float]):
@@ -217,7 +209,7 @@ def _op_bwd(block_size, interpret, min_rows, sm_scale, res, do):
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     delta = jnp.einsum("btnd,btnd->btn", do.astype(jnp.float32), o.astype(jnp.float32))
     delta = delta.reshape(b, tq, hkv, g).transpose(0, 2, 1, 3)                          # [B,Hkv,Tq,G]
-    delta_p = _pad_axis(delta, 3, gp)
+    delta_p = pad_axis(delta, 3, gp)
     ks, vs = small_kv(k, block_size), small_kv(v, block_size)
     dq = dq_call(pad_groups(q, hkv, gp), ks, vs, pad_groups(do.astype(q.dtype), hkv, gp), lse, delta_p, idx, count,
                  pos, block_size=block_size, scale=scale, interpret=interpret)
@@ -228,15 +220,15 @@ def _op_bwd(block_size, interpret, min_rows, sm_scale, res, do):
     cq = dkdv_chunk(g, interpret)
     tqp = -(-tq // cq) * cq
     qchunks, qcount = transposed_map(idx, count, nb, cq)
-    kpad = _pad_axis(k, 1, nb * block_size)
-    vpad = _pad_axis(v, 1, nb * block_size)
-    qd = _pad_axis(pad_groups(q, hkv, gd), 1, tqp)
-    dod = _pad_axis(pad_groups(do.astype(q.dtype), hkv, gd), 1, tqp)
-    lse_d = _pad_axis(_pad_axis(lse[..., :g], 3, gd), 2, tqp)
-    delta_d = _pad_axis(_pad_axis(delta, 3, gd), 2, tqp)
-    idx_d = _pad_axis(idx, 2, tqp)
-    count_d = _pad_axis(count, 2, tqp)          # padded tokens select nothing
-    pos_d = _pad_axis(pos, 1, tqp)
+    kpad = pad_axis(k, 1, nb * block_size)
+    vpad = pad_axis(v, 1, nb * block_size)
+    qd = pad_axis(pad_groups(q, hkv, gd), 1, tqp)
+    dod = pad_axis(pad_groups(do.astype(q.dtype), hkv, gd), 1, tqp)
+    lse_d = pad_axis(pad_axis(lse[..., :g], 3, gd), 2, tqp)
+    delta_d = pad_axis(pad_axis(delta, 3, gd), 2, tqp)
+    idx_d = pad_axis(idx, 2, tqp)
+    count_d = pad_axis(count, 2, tqp)          # padded tokens select nothing
+    pos_d = pad_axis(pos, 1, tqp)
     dk, dv = dkdv_call(qd, kpad, vpad, dod, lse_d, delta_d, idx_d, count_d, pos_d, qchunks, qcount,
                        block_size=block_size, chunk=cq, scale=scale, interpret=interpret)
     return dq.astype(q.dtype), dk[:, :tk].astype(k.dtype), dv[:, :tk].astype(v.dtype), None, None, None

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import attend_blocks, compiler_params, pad_groups, resolve_interpret, unpad_groups
-from pallas_kernels.infllm_v2_fwd import infllm_v2_fwd_reference, padded_rows, prepare_lists, small_kv
+from pallas_kernels._common import attend_blocks, compiler_params, pad_groups, resolve_interpret, small_kv, \
+    unpad_groups
+from pallas_kernels.infllm_v2_fwd import infllm_v2_fwd_reference, padded_rows, prepare_lists
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, pos_ref, acc_ref, m_ref, l_ref, *, block_size, kv_len,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import attend_blocks, compiler_params, next_pow2, pad_groups, pad_last, \
-    resolve_interpret, unpad_groups
+    resolve_interpret, small_kv, unpad_groups
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, pos_ref, o_ref, lse_ref, *, block_size, kv_len, scale):
@@ -70,13 +70,6 @@ def prepare_lists(idx, count, interpret: bool):
     """Pad the block-list length to a power of two (Triton loads); padded entries are never read."""
     kp = next_pow2(idx.shape[-1])
     return pad_last(idx.astype(jnp.int32), kp), count.astype(jnp.int32)
-
-
-def small_kv(k, block_size: int):
-    """The kernels read whole blocks; a sequence shorter than one block is zero-padded to one (tiny copy)."""
-    if k.shape[1] >= block_size:
-        return k
-    return jnp.pad(k, ((0, 0), (0, block_size - k.shape[1]), (0, 0), (0, 0)))
 
 
 def infllm_v2_fwd(q, k, v, idx, count, pos, *, block_size: int, sm_scale: Optional[float] = None, interpret=None,

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import pad_groups, unpad_groups
-from pallas_kernels.infllm_v2_bwd import _pad_axis, infllm_v2_vjp_reference, transposed_map  # noqa: F401
+from pallas_kernels._common import pad_axis, pad_groups, unpad_groups
+from pallas_kernels.infllm_v2_bwd import infllm_v2_vjp_reference, transposed_map  # noqa: F401
 from pallas_kernels.infllm_v2_tpu_common import LANES, SMEM_WORDS, SUBLANES, TRANS_B, cdiv, compiler_params, \
     kv_spec, kv_token_axis, kv_unlayout, lanes, map_chunks, resolve_interpret, tokens_per_call, \
     zero_rows_after
@@ -186,8 +186,8 @@ def dkdv_tpu(q, k_op, v_op, do, lse, delta, idx, count, pos, *, hkv, d, block_si
     tqp = cdiv(tq, cq) * cq
     qchunks, qcount = transposed_map(idx, count, nb, cq)
     ids = jnp.where(jnp.arange(idx.shape[-1]) < count[..., None], idx, -1)
-    ids = _pad_axis(ids, 2, tqp, -1)                              # padding tokens select nothing
-    pad_t = lambda x: _pad_axis(x, 1, tqp)
+    ids = pad_axis(ids, 2, tqp, -1)                              # padding tokens select nothing
+    pad_t = lambda x: pad_axis(x, 1, tqp)
     qd, dod, lsed, deltad = pad_t(q), pad_t(do), pad_t(lanes(lse)), pad_t(lanes(delta))
     posd = pad_t(lanes(pos))
     nqc = qchunks.shape[-1]

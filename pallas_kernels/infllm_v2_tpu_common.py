@@ -115,13 +115,6 @@ def kv_spec(hkv: int, d: int, block_size: int, where):
     return pl.BlockSpec((None, None, block_size, d), index_t)
 
 
-def small_kv(x, block_size: int):
-    """A sequence shorter than one block is zero-padded to one block (tiny copy)."""
-    if x.shape[1] >= block_size:
-        return x
-    return jnp.pad(x, ((0, 0), (0, block_size - x.shape[1]), (0, 0), (0, 0)))
-
-
 def zero_rows_after(x, first_row_pos, last_visible):
     """Zero the rows of a K/V block [bs, D] whose key position (first_row_pos + row) exceeds last_visible."""
     rows = first_row_pos + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)

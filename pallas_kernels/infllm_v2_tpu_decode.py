@@ -31,10 +31,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import pad_groups, unpad_groups
+from pallas_kernels._common import pad_groups, small_kv, unpad_groups
 from pallas_kernels.infllm_v2_decode import infllm_v2_decode_reference, merge_splits  # noqa: F401
 from pallas_kernels.infllm_v2_tpu_common import LANES, SMEM_WORDS, cdiv, compiler_params, kv_layout, kv_spec, \
-    map_chunks, resolve_interpret, small_kv, tokens_per_call, tpu_rows
+    map_chunks, resolve_interpret, tokens_per_call, tpu_rows
 from pallas_kernels.infllm_v2_tpu_fwd import init_softmax, online_softmax_step
 
 

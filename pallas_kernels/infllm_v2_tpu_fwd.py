@@ -31,10 +31,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import MASK_VALUE, pad_groups, unpad_groups
+from pallas_kernels._common import MASK_VALUE, pad_groups, small_kv, unpad_groups
 from pallas_kernels.infllm_v2_fwd import infllm_v2_fwd_reference  # noqa: F401  (the reference this must match)
 from pallas_kernels.infllm_v2_tpu_common import LANES, SMEM_WORDS, TRANS_B, compiler_params, kv_layout, kv_spec, \
-    map_chunks, resolve_interpret, small_kv, tokens_per_call, tpu_rows, zero_rows_after
+    map_chunks, resolve_interpret, tokens_per_call, tpu_rows, zero_rows_after
 
 
 def slot_block(b, g, t, s, idx, cnt, *, hkv: int, tq: int, n_slots: int):

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 from minicpm_jax.sparse import (SparseConfig, compressed_cache_from_keys, infllm_v2_attention,  # noqa: E402
                                 infllm_v2_decode, update_compressed_cache)
-from minicpm_jax.sparse.select import select_block_lists  # noqa: E402
+from minicpm_jax.sparse.select import attended_pairs, select_block_lists  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -200,16 +200,6 @@ def bench_decode(s_len: int, cfg: SparseConfig, peaks: dict, hq=32, hkv=2, d=128
 
 
 # -------------------------------------------------------------------------------------------- prefill
-def _sparse_pairs(lists, t_len: int, block_size: int) -> int:
-    """Attended (query, key) pairs summed over KV groups, from the block lists."""
-    idx = np.asarray(lists.idx)
-    cnt = np.asarray(lists.count)
-    pos = np.arange(t_len)[None, None, :, None]
-    ok = np.arange(idx.shape[-1])[None, None, None, :] < cnt[..., None]
-    keys = np.clip(pos - idx * block_size + 1, 0, block_size)
-    return int((keys * ok).sum())
-
-
 def bench_prefill(t_len: int, cfg: SparseConfig, peaks: dict, hq=16, hkv=1, d=128, chunk=64) -> dict:
     b = 1
     ks = jax.random.split(jax.random.key(t_len), 3)
@@ -228,7 +218,7 @@ def bench_prefill(t_len: int, cfg: SparseConfig, peaks: dict, hq=16, hkv=1, d=12
     nk = (t_len - cfg.kernel_size) // cfg.kernel_stride + 1
     kpos = np.arange(nk) * cfg.kernel_stride + cfg.kernel_size - 1
     score_pairs = int(np.searchsorted(kpos, np.arange(t_len), side="right").sum())
-    sparse_flops = 4 * d * g * _sparse_pairs(lists, t_len, cfg.block_size) + 2 * d * hq * score_pairs
+    sparse_flops = 4 * d * g * attended_pairs(lists, cfg.block_size) + 2 * d * hq * score_pairs
     fl = peaks["gflops"] * 1e9
     return dict(t_len=t_len, t_dense=t_dense, t_sparse=t_sparse, ratio=t_sparse / t_dense,
                 flop_ratio=sparse_flops / dense_flops, dense_fl=dense_flops / t_dense / fl,

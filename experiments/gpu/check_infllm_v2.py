@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from minicpm_jax.sparse import (SparseConfig, compressed_cache_from_keys, infllm_v2_attention,  # noqa: E402
                                 update_compressed_cache)
 from minicpm_jax.sparse.decode import decode_block_lists  # noqa: E402
-from minicpm_jax.sparse.select import query_positions, select_block_lists  # noqa: E402
+from minicpm_jax.sparse.select import attended_pairs, query_positions, select_block_lists  # noqa: E402
 from pallas_kernels.infllm_v2_bwd import infllm_v2_attention_pallas, infllm_v2_vjp_reference  # noqa: E402
 from pallas_kernels.infllm_v2_decode import infllm_v2_decode_kernel, infllm_v2_decode_reference  # noqa: E402
 from pallas_kernels.infllm_v2_fwd import infllm_v2_fwd, infllm_v2_fwd_reference  # noqa: E402
@@ -178,13 +178,6 @@ def dense_attention(interpret):
     return "triton-flash", flash, dec
 
 
-def sparse_pairs(lists, t, bs):
-    idx, cnt = np.asarray(lists.idx), np.asarray(lists.count)
-    pos = np.arange(t)[None, None, :, None]
-    ok = np.arange(idx.shape[-1])[None, None, None, :] < cnt[..., None]
-    return int((np.clip(pos - idx.astype(np.int64) * bs + 1, 0, bs) * ok).sum())
-
-
 @section("timing: sparse (XLA selection + Pallas) vs dense, B=1, 32 q heads / 2 KV heads, D=128, bf16")
 def timing(lens, pk, smoke, interpret):
     name, dense, dense_dec = dense_attention(interpret)
@@ -212,7 +205,7 @@ def timing(lens, pk, smoke, interpret):
             t_dfwd = timed(d_fwd, q, k, v, reps=3)
             d_fb = jax.jit(lambda q_, k_, v_: jax.vjp(dense, q_, k_, v_)[1](do))
             t_dfb = timed(d_fb, q, k, v, reps=3)
-            pairs = sparse_pairs(lists, t, cfg.block_size) * (hq // hkv)  # (query head, key) pairs
+            pairs = attended_pairs(lists, cfg.block_size) * (hq // hkv)  # (query head, key) pairs
             sp_fl = 4 * d * pairs
             de_fl = 4 * d * hq * t * (t + 1) / 2
             # decode with a cache of t keys

@@ -14,8 +14,9 @@ Public API (the model calls these; details in dispatch.py, decode.py, compress.p
 
 What each impl supports:
   reference  exact O(Tq*Tk) masked attention; any group size; lse_approx; use_nope (q_score/k_score); q_offset.
-  xla        the same function, chunked and memory bounded (selection chunks of 256 queries, attention chunks of
-             8 queries x 4 top-k blocks per inner step); custom_vjp backward; decode against the compressed cache.
+  xla        the same function, memory bounded (selection chunks of 256 queries; init+window as one band matmul per
+             64-query chunk; top-k pairs sorted key-block-major into tiles of 128); custom_vjp backward; decode
+             against the compressed cache.
   pallas     the same selection (XLA), then the Triton-lowered kernels in pallas_kernels/ (forward, dq, dk/dv with
              the transposed block map, split decode); interpret mode off-GPU; jax.shard_map over batch/KV heads
              when `mesh` is given. Pallas kernels: GPU (Triton lowering) and TPU (Mosaic, backend "mosaic_tpu"; verified in interpret mode and by lowering).

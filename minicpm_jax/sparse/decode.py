@@ -65,7 +65,7 @@ def _decode_jit(q, qs, k_cache, v_cache, lengths, ccache, cfg, impl, opts):
     t = (lengths - 1)[:, None]
     lists = decode_block_lists(qs, k_cache, lengths, ccache, cfg)
     if impl == "xla":
-        return sparse_attention_xla(q, k_cache, v_cache, lists, t, cfg, chunk=1)
+        return sparse_attention_xla(q, k_cache, v_cache, lists, t, cfg)
     from minicpm_jax.sparse.pallas import sparse_decode_pallas
 
     return sparse_decode_pallas(q, k_cache, v_cache, lists, t, cfg, interpret=o["interpret"], backend=o["backend"],

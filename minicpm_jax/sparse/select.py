@@ -259,6 +259,16 @@ def _select_staged(q, kc, kc2, off: int, cfg: SparseConfig, nb: int, chunk: int,
     return BlockLists(*(jnp.concatenate(x, axis=2) for x in zip(*outs)))
 
 
+def attended_pairs(lists: BlockLists, block_size: int) -> int:
+    """(query, key) pairs the lists attend, summed over rows and KV groups, for queries at positions 0 .. Tq-1
+    (FLOP accounting in the benchmarks; counts a partial own block only up to the query)."""
+    import numpy as np
+    idx, cnt = np.asarray(lists.idx, np.int64), np.asarray(lists.count)
+    pos = np.arange(idx.shape[2])[None, None, :, None]
+    ok = np.arange(idx.shape[-1]) < cnt[..., None]
+    return int((np.clip(pos - idx * block_size + 1, 0, block_size) * ok).sum())
+
+
 def lists_to_mask(lists: BlockLists, n_blocks: int) -> jax.Array:
     """BlockLists -> bool [B, Hkv, Tq, n_blocks]."""
     slot_ok = jnp.arange(lists.idx.shape[-1]) < lists.count[..., None]

@@ -11,9 +11,9 @@ Every query attends two disjoint key sets, computed separately and merged exactl
     to its queries. Gathering queries (G*D floats per pair) instead of key/value blocks (2*block*D floats per
     pair) is 8x less data at MiniCPM4 sizes, and the matmuls have tile*G rows instead of G.
 Softmax merging: the shared part always holds the query's own key, so its row max c is finite; the top-k tiles
-accumulate exp(s - c) with that fixed shift (no per-pair rescaling, so scatter-adds just add). The tiles also
-record the largest top-k logit; if any exceeds c + _SHIFT_MARGIN (exp could overflow), the top-k pass is redone
-with the shift raised to that maximum. Terms far below the shift underflow only where they are < e^-87 of the
+accumulate exp(s - c) with that fixed shift (no per-pair rescaling, so scatter-adds just add). If a sum comes out
+non-finite (a top-k logit ~88 above c), a logits-only pass finds the largest top-k logit and the top-k pass is
+redone with the shift raised to it (_topk_fwd). Terms far below the shift underflow only where they are < e^-87 of the
 row's largest term, i.e. below fp32 resolution. The result is exact either way.
 Gradients: the backward pass recomputes probabilities from the saved log-sum-exp (flash-attention style): the
 shared part per query chunk (dk/dv added to the band), the top-k part per tile (dq scatter-added, dk/dv of the
@@ -33,10 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from minicpm_jax.sparse.config import SparseConfig
-from minicpm_jax.sparse.select import BlockLists
-
-_HI = None  # default matmul precision (see the module docstring)
-
+from minicpm_jax.sparse.select import BlockLists, num_blocks
 
 # ------------------------------------------------------------------------------------------------ decode (Tq == 1)
 def _block_dnums():
@@ -80,12 +77,12 @@ def _chunk_fwd_all_blocks(q, t, idx, count, k, v, cfg):
     vb = vb.reshape(b, hkv, c, nsl * bs, d).astype(jnp.float32)
     ok = (jnp.arange(nsl) < count[..., None])[..., None] & (pos >= (idx * bs)[..., None]) & \
         (pos <= t[:, None, :, None, None])
-    s = jnp.einsum("bhcnd,bhcsd->bhcns", qm, kb, precision=_HI) * scale
+    s = jnp.einsum("bhcnd,bhcsd->bhcns", qm, kb) * scale
     s = jnp.where(ok.reshape(b, hkv, c, 1, nsl * bs), s, -jnp.inf)
     m = s.max(axis=-1)
     p = jnp.exp(s - m[..., None])
     l = p.sum(axis=-1)
-    o = jnp.einsum("bhcns,bhcsd->bhcnd", p, vb, precision=_HI) / l[..., None]
+    o = jnp.einsum("bhcns,bhcsd->bhcnd", p, vb) / l[..., None]
     o = o.transpose(0, 2, 1, 3, 4).reshape(b, c, hq, d)
     return o, (m + jnp.log(l)).reshape(b * hkv, c, g)
 
@@ -166,7 +163,7 @@ def _shared_logits(qc, tc, kr, vr, cfg, w, scale):
     """qc [R,C,G,D] -> masked logits [R,C,G,NI+W], keys, values [R,NI+W,D], band start [R]."""
     r, c, g, d = qc.shape
     kk, vv, pos, start = _shared_keys(kr, vr, tc[:, 0], cfg, w)
-    s = jnp.einsum("rmd,rwd->rmw", qc.reshape(r, c * g, d), kk, precision=_HI).reshape(r, c, g, -1) * scale
+    s = jnp.einsum("rmd,rwd->rmw", qc.reshape(r, c * g, d), kk).reshape(r, c, g, -1) * scale
     s = jnp.where(_shared_mask(pos, tc, cfg, _init_len(kr.shape[1], cfg))[:, :, None, :], s, -jnp.inf)
     return s, kk, vv, start
 
@@ -178,7 +175,7 @@ def _shared_fwd(qc, tc, kr, vr, cfg, w):
     m = s.max(axis=-1)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # (always finite: the query's own key is in the shared part)
     p = jnp.exp(s - m[..., None])
-    acc = jnp.einsum("rmw,rwd->rmd", p.reshape(r, c * g, -1), vv, precision=_HI).reshape(r, c, g, d)
+    acc = jnp.einsum("rmw,rwd->rmd", p.reshape(r, c * g, -1), vv).reshape(r, c, g, d)
     return acc, m, p.sum(axis=-1)
 
 
@@ -189,11 +186,11 @@ def _shared_bwd(qc, tc, doc, lse, delta, kr, vr, cfg, w, dk, dv):
     s, kk, vv, start = _shared_logits(qc, tc, kr, vr, cfg, w, scale)
     p = jnp.exp(s - lse[..., None]).reshape(r, c * g, -1)
     qm, dom = qc.reshape(r, c * g, d), doc.reshape(r, c * g, d)
-    dp = jnp.einsum("rmd,rwd->rmw", dom, vv, precision=_HI)
+    dp = jnp.einsum("rmd,rwd->rmw", dom, vv)
     ds = p * (dp - delta.reshape(r, c * g, 1)) * scale
-    dq = jnp.einsum("rmw,rwd->rmd", ds, kk, precision=_HI).reshape(r, c, g, d)
-    dkk = jnp.einsum("rmw,rmd->rwd", ds, qm, precision=_HI)
-    dvv = jnp.einsum("rmw,rmd->rwd", p, dom, precision=_HI)
+    dq = jnp.einsum("rmw,rwd->rmd", ds, kk).reshape(r, c, g, d)
+    dkk = jnp.einsum("rmw,rmd->rwd", ds, qm)
+    dvv = jnp.einsum("rmw,rmd->rwd", p, dom)
     ni = dkk.shape[1] - w
 
     def add(acc, upd):
@@ -216,7 +213,7 @@ class Schedule(NamedTuple):
     Queries of a row are cut into ranges of `span` (the rows padded to a multiple of it); range u = r * n_ranges + j
     holds queries j*span .. (j+1)*span-1 of row r. Its results are accumulated in a range-local buffer, which stays
     in cache, and written out once.
-    tok     [N + tile] int32  range-local query index of every pair, sorted by (range, block); padding = span
+    tok     [N + tile] int32  range-local query index of every pair, sorted by (range, block); a tail of `tile` x span
     key     [NT] int32        u * n_blocks + block of each tile
     start   [NT] int32        first pair of each tile in `tok`
     cnt     [NT] int32        valid pairs in each tile (<= tile)
@@ -240,7 +237,7 @@ def _schedule(idx_top, n_top, cfg: SparseConfig, nb: int, tile: int, span: int) 
     key = jnp.where(valid, (u * nb)[..., None] + idx_top, nkeys).reshape(-1).astype(jnp.int32)
     tok = jnp.broadcast_to((i % span)[None, :, None], (r, tq, kt)).reshape(-1)
     key, tok = jax.lax.sort((key, tok), num_keys=1, is_stable=True)
-    tok = jnp.concatenate([jnp.where(key < nkeys, tok, span), jnp.full((tile,), span, jnp.int32)])
+    tok = jnp.concatenate([tok, jnp.full((tile,), span, jnp.int32)])  # tail: a last tile's slice stays in bounds
     bounds = jnp.searchsorted(key, jnp.arange(nkeys + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
     cnt = bounds[1:] - bounds[:-1]
     tstart = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum((cnt + tile - 1) // tile, dtype=jnp.int32)])
@@ -258,15 +255,14 @@ def _span(tq: int, span: int) -> int:
 
 
 def _tile_inputs(sched: Schedule, i, kf, vf, tk, nb, nr, bs, tile, span):
-    """Tile i: range-local query ids [tile] (invalid -> span, out of range), valid mask, its block's keys and
-    values [bs, D] and their offset in kf."""
+    """Tile i: range-local query ids [tile] (slots past the tile's count -> span, out of range), its block's keys
+    and values [bs, D] and their offset in kf."""
     key, st, cnt = sched.key[i], sched.start[i], sched.cnt[i]
-    valid = jnp.arange(tile) < cnt
-    ids = jnp.where(valid, jax.lax.dynamic_slice_in_dim(sched.tok, st, tile), span)
+    ids = jnp.where(jnp.arange(tile) < cnt, jax.lax.dynamic_slice_in_dim(sched.tok, st, tile), span)
     off = (key // (nb * nr)) * tk + (key % nb) * bs
     kb = jax.lax.dynamic_slice_in_dim(kf, off, bs, axis=0)
     vb = jax.lax.dynamic_slice_in_dim(vf, off, bs, axis=0)
-    return ids, valid, kb, vb, off
+    return ids, kb, vb, off
 
 
 def _rows_of(x, ids):
@@ -304,12 +300,12 @@ def _pad_rows(x, tq, tp):
     return x.reshape((-1,) + x.shape[2:])
 
 
-def _over_ranges(sched, nu, span, per_range, outs):
+def _over_ranges(sched, per_range, outs):
     """For each range u: outs = per_range(u, tiles lo..hi, outs) (a loop over ranges with a loop over tiles)."""
     def body(u, outs):
         return per_range(u, sched.rstart[u], sched.rstart[u + 1], outs)
 
-    return jax.lax.fori_loop(0, nu, body, outs)
+    return jax.lax.fori_loop(0, sched.rstart.shape[0] - 1, body, outs)
 
 
 def _topk_fwd_pass(qf, kf, vf, cf, sched, tk, nb, nr, cfg, tile, span, max_only=False):
@@ -328,14 +324,14 @@ def _topk_fwd_pass(qf, kf, vf, cf, sched, tk, nb, nr, cfg, tile, span, max_only=
         c_u = jax.lax.dynamic_slice_in_dim(cf, u * span, span)
 
         def body(i, carry):
-            ids, _, kb, vb, _ = _tile_inputs(sched, i, kf, vf, tk, nb, nr, bs, tile, span)
-            s = jnp.einsum("md,kd->mk", _rows_of(q_u, ids).reshape(tile * g, d), kb, precision=_HI)
+            ids, kb, vb, _ = _tile_inputs(sched, i, kf, vf, tk, nb, nr, bs, tile, span)
+            s = jnp.einsum("md,kd->mk", _rows_of(q_u, ids).reshape(tile * g, d), kb)
             rows = _head_rows(ids, g)
             if max_only:
                 return _max_rows(carry, rows, s.max(-1))
             acc, l = carry
             p = jnp.exp(s - _rows_of(c_u, ids).reshape(tile * g, 1))
-            o = jnp.einsum("mk,kd->md", p, vb, precision=_HI)
+            o = jnp.einsum("mk,kd->md", p, vb)
             return _add_rows(acc, rows, o), _add_rows(l, rows, p.sum(-1))
 
         if max_only:
@@ -350,7 +346,7 @@ def _topk_fwd_pass(qf, kf, vf, cf, sched, tk, nb, nr, cfg, tile, span, max_only=
         outs = jnp.full((nq, g), -jnp.inf, jnp.float32)
     else:
         outs = (jnp.zeros((nq, gd), jnp.float32), jnp.zeros((nq, g), jnp.float32))
-    return _over_ranges(sched, nq // span, span, per_range, outs)
+    return _over_ranges(sched, per_range, outs)
 
 
 def _topk_fwd(qf, kf, vf, c0, sched, tk, nb, nr, cfg, tile, span):
@@ -388,16 +384,16 @@ def _topk_bwd(qf, dof, lse, delta, kf, vf, sched, tk, nb, nr, cfg, tile, span, d
 
         def body(i, carry):
             dq, dk, dv = carry
-            ids, _, kb, vb, off = _tile_inputs(sched, i, kf, vf, tk, nb, nr, bs, tile, span)
+            ids, kb, vb, off = _tile_inputs(sched, i, kf, vf, tk, nb, nr, bs, tile, span)
             qg = fill(q_u, ids, 0.0).reshape(tile * g, d)
             dog = fill(do_u, ids, 0.0).reshape(tile * g, d)
-            s = jnp.einsum("md,kd->mk", qg, kb, precision=_HI)
+            s = jnp.einsum("md,kd->mk", qg, kb)
             p = jnp.exp(s - fill(lse_u, ids, jnp.inf).reshape(tile * g, 1))
-            dp = jnp.einsum("md,kd->mk", dog, vb, precision=_HI)
+            dp = jnp.einsum("md,kd->mk", dog, vb)
             ds = p * (dp - fill(delta_u, ids, 0.0).reshape(tile * g, 1))
-            dq = _add_rows(dq, _head_rows(ids, g), jnp.einsum("mk,kd->md", ds, kb, precision=_HI))
-            dkb = jnp.einsum("mk,md->kd", ds, qg, precision=_HI)
-            dvb = jnp.einsum("mk,md->kd", p, dog, precision=_HI)
+            dq = _add_rows(dq, _head_rows(ids, g), jnp.einsum("mk,kd->md", ds, kb))
+            dkb = jnp.einsum("mk,md->kd", ds, qg)
+            dvb = jnp.einsum("mk,md->kd", p, dog)
             dk = jax.lax.dynamic_update_slice_in_dim(dk, jax.lax.dynamic_slice_in_dim(dk, off, bs) + dkb, off, 0)
             dv = jax.lax.dynamic_update_slice_in_dim(dv, jax.lax.dynamic_slice_in_dim(dv, off, bs) + dvb, off, 0)
             return dq, dk, dv
@@ -405,17 +401,17 @@ def _topk_bwd(qf, dof, lse, delta, kf, vf, sched, tk, nb, nr, cfg, tile, span, d
         dq, dk, dv = jax.lax.fori_loop(lo, hi, body, (jnp.zeros((span * g, d), jnp.float32), dk, dv))
         return jax.lax.dynamic_update_slice_in_dim(dq_all, dq.reshape(span, gd), u * span, axis=0), dk, dv
 
-    return _over_ranges(sched, nq // span, span, per_range, (jnp.zeros((nq, gd), jnp.float32), dk, dv))
+    return _over_ranges(sched, per_range, (jnp.zeros((nq, gd), jnp.float32), dk, dv))
 
 
 # ------------------------------------------------------------------------------------------------- prefill path
-def _split(x, axis, c, nc):
-    """Pad axis to nc*c (edge values) and move the chunk index to the front."""
+def _split(x, axis, c, nc, mode="edge"):
+    """Pad axis to nc*c (edge values, or zeros with mode="constant") and move the chunk index to the front."""
     pad = nc * c - x.shape[axis]
     if pad:
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, pad)
-        x = jnp.pad(x, widths, mode="edge")
+        x = jnp.pad(x, widths, mode=mode)
     x = x.reshape(x.shape[:axis] + (nc, c) + x.shape[axis + 1:])
     return jnp.moveaxis(x, axis, 0)
 
@@ -434,7 +430,7 @@ def _map_chunks(fn, xs, nc):
 
 
 def _make_schedule(lists: BlockLists, tk, cfg, tile, span):
-    nb = -(-tk // cfg.block_size)
+    nb = num_blocks(tk, cfg)
     kt = lists.idx.shape[-1] - cfg.window_blocks
     return _schedule(_rows_idx(lists.idx[..., :kt]), _rows_idx(lists.n_top), cfg, nb, tile, span)
 
@@ -443,7 +439,7 @@ def _prefill_fwd(q, k, v, t, lists: BlockLists, cfg, chunk, tile, span):
     """-> out [B,Tq,Hq,D] f32, lse [R,Tq,G], schedule."""
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    nb = -(-tk // cfg.block_size)
+    nb = num_blocks(tk, cfg)
     qr, kr, vr, tr = _q_rows(q, hkv), _kv_rows(k), _kv_rows(v), _t_rows(t, hkv)
     r, _, g, _ = qr.shape
     c = min(chunk, tq)
@@ -469,7 +465,7 @@ def _prefill_fwd(q, k, v, t, lists: BlockLists, cfg, chunk, tile, span):
 def _prefill_bwd(q, k, v, t, sched, o, lse, do, cfg, chunk, tile, span):
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    nb = -(-tk // cfg.block_size)
+    nb = num_blocks(tk, cfg)
     qr, kr, vr, tr = _q_rows(q, hkv), _kv_rows(k), _kv_rows(v), _t_rows(t, hkv)
     dor = _q_rows(do, hkv)
     delta = jnp.sum(dor * _q_rows(o, hkv), axis=-1)                             # [R, Tq, G]
@@ -478,9 +474,7 @@ def _prefill_bwd(q, k, v, t, sched, o, lse, do, cfg, chunk, tile, span):
     nc = -(-tq // c)
     w = band_width(tk, c, cfg)
     # padded (duplicated) queries get do = 0 and delta = 0, so they contribute nothing
-    pad = nc * c - tq
-    dor_s = jnp.moveaxis(jnp.pad(dor, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(r, nc, c, g, d), 1, 0)
-    delta_s = jnp.moveaxis(jnp.pad(delta, ((0, 0), (0, pad), (0, 0))).reshape(r, nc, c, g), 1, 0)
+    dor_s, delta_s = (_split(x, 1, c, nc, mode="constant") for x in (dor, delta))
     xs = (_split(qr, 1, c, nc), _split(tr, 1, c, nc), dor_s, _split(lse, 1, c, nc), delta_s)
 
     def step(carry, x):

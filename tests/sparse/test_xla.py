@@ -1,4 +1,4 @@
-"""XLA path (chunked selection + chunked gather attention) against the reference: selection, forward, gradients."""
+"""XLA path (chunked selection, init+window band and key-block-major top-k tiles) against the reference."""
 
 import jax
 import jax.numpy as jnp
