@@ -201,9 +201,11 @@ class ModelConfig:
         return () if e is None else ((e,) if isinstance(e, int) else tuple(e))
 
     def replace(self, **changes) -> "ModelConfig":
-        """A copy with fields changed (validated). `rope_scaling` / `sparse_config` may be given as HF dicts."""
+        """A copy with fields changed (validated). `rope_scaling` / `sparse_config` may be given as HF dicts; a
+        sparse_config dict changes only the keys it names (`model.sparse_config.topk=4` keeps the preset's blocks)."""
         if isinstance(changes.get("sparse_config"), Mapping):
-            changes["sparse_config"] = SparseConfig.from_hf_dict(changes["sparse_config"])
+            base = self.sparse_config.to_hf_dict() if self.sparse_config is not None else {}
+            changes["sparse_config"] = SparseConfig.from_hf_dict({**base, **changes["sparse_config"]})
         if isinstance(changes.get("rope_scaling"), Mapping):
             hidden = changes.get("hidden_size", self.hidden_size)
             heads = changes.get("num_attention_heads", self.num_attention_heads)

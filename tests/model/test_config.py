@@ -1,5 +1,6 @@
 """ModelConfig: HF config.json round trip (unknown keys kept), presets, and validation messages naming the field."""
 
+import dataclasses
 import json
 
 import pytest
@@ -73,3 +74,17 @@ def test_invalid_values_name_the_field(change, field):
 def test_from_hf_dict_rejects_bad_head_split():
     with pytest.raises(ValueError, match="num_attention_heads"):
         ModelConfig.from_hf_dict({"hidden_size": 100, "num_attention_heads": 3})
+
+
+def test_a_partial_sparse_config_override_keeps_the_other_fields():
+    # model.sparse_config.topk=4 on the tiny preset must keep its 16-token blocks and 1024-token dense_len (a sweep
+    # over top-k once silently ran the 8B defaults, whose 2048-token window made every point dense)
+    tiny = ModelConfig.tiny()
+    cfg = tiny.replace(sparse_config={"topk": 4})
+    assert cfg.sparse_config == dataclasses.replace(tiny.sparse_config, topk=4)
+    from minicpm_jax.train.config import load_config
+    exp = load_config("experiments/configs/long_context_sparse_tiny.yaml", ["model.sparse_config.topk=4"])
+    assert exp.model_config().sparse_config == cfg.sparse_config
+    # a config without one takes the dict as a whole (unnamed fields: SparseConfig's defaults)
+    half = ModelConfig.minicpm4_0_5b().replace(sparse_config={"topk": 16})
+    assert half.sparse_config.topk == 16 and half.sparse_config.block_size == 64
