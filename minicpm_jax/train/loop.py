@@ -211,14 +211,14 @@ def run(exp: ExperimentConfig) -> RunSummary:
         return {k: r[k] for k in ("loss", "perplexity", "tokens")}
 
     peak = measure_matmul_peak(jnp.dtype(cfg.dtype)) * jax.device_count()
-    flops_tok = train_flops_per_token(cfg, seq_len)
+    sparse_train = uses_sparse(cfg, exp.train.attention, seq_len)
+    flops_tok = train_flops_per_token(cfg, seq_len, sparse=sparse_train)
     writer = MetricsWriter(paths["run"], enabled=main)
     train_losses, eval_losses = [], []
     profile_dir = paths["run"] / "profile"
     pbar = tqdm(total=exp.train.steps, initial=start, disable=not main, desc=exp.name, unit="step",
                 dynamic_ncols=True)
     tokens_per_step = global_batch * seq_len
-    sparse_train = uses_sparse(cfg, exp.train.attention, seq_len)
     if sparse_train:
         say(f"attention: InfLLM v2 sparse ({cfg.sparse_impl}) at {seq_len} tokens (dense_len "
             f"{cfg.sparse_config.dense_len}); batches must hold one document per row")

@@ -21,10 +21,21 @@ def matmul_params(cfg: ModelConfig) -> int:
     return l * (2 * h * h + 2 * h * kv + 3 * h * f) + h * cfg.vocab_size
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs per trained token: 6 x matmul params (fwd + bwd) plus causal attention, 6 x L x T x hidden
-    (QK^T and AV, 4 T d per token forward for full attention, halved by the causal mask, x3 for fwd + bwd)."""
-    return 6.0 * matmul_params(cfg) + 6.0 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, sparse: bool = False) -> float:
+    """Model FLOPs per trained token: 6 x matmul params (fwd + bwd) plus attention, 12 x L x hidden x the mean keys a
+    query attends (QK^T and AV, 4 d per key forward, x3 for fwd + bwd; causal: (T+1)/2 keys).
+
+    sparse (InfLLM v2): a query attends at most (topk + window blocks) x block_size keys, plus the forward-only
+    block scoring against the kernel means (2 d per visible kernel). Upper bounds, so a sparse MFU is not understated
+    by counting dense work it never does.
+    """
+    t = np.arange(1, seq_len + 1, dtype=np.float64)
+    attn_keys, score = float(t.mean()), 0.0
+    if sparse:
+        sc = cfg.sparse_config
+        attn_keys = float(np.minimum(t, (sc.topk + sc.window_blocks) * sc.block_size).mean())
+        score = 2.0 * cfg.hidden_size * float(np.maximum(0, (t - sc.kernel_size) // sc.kernel_stride + 1).mean())
+    return 6.0 * matmul_params(cfg) + cfg.num_hidden_layers * (12.0 * cfg.hidden_size * attn_keys + score)
 
 
 def measure_matmul_peak(dtype=jnp.float32, n: Optional[int] = None, repeats: int = 5) -> float:

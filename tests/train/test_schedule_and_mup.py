@@ -69,3 +69,19 @@ def test_optimizer_update_applies_mup_lr_and_decay_by_hand():
     np.testing.assert_allclose(q_new, q - 1e-2 * m * (1.0 + 0.1 * q), rtol=1e-5, atol=1e-8)
     e, e_new = params["embed_tokens"], new["embed_tokens"]
     np.testing.assert_allclose(e_new, e - 1e-2 * 1.0, rtol=1e-5, atol=1e-8)   # full lr, no weight decay
+
+
+def test_sparse_flop_count_is_bounded_by_the_attended_blocks():
+    import dataclasses
+    from minicpm_jax import ModelConfig
+    from minicpm_jax.train.metrics import matmul_params, train_flops_per_token
+    cfg = ModelConfig.tiny()                  # blocks of 16, window 8 blocks, top-k 8: <= 256 keys per query
+    L, h, t = cfg.num_hidden_layers, cfg.hidden_size, 2048
+    dense = train_flops_per_token(cfg, t)
+    assert dense == pytest.approx(6 * matmul_params(cfg) + 12 * L * h * (t + 1) / 2)
+    sparse = train_flops_per_token(cfg, t, sparse=True)
+    attn_sparse = sparse - 6 * matmul_params(cfg)
+    assert 12 * L * h * 256 * 0.9 < attn_sparse < 12 * L * h * 256 + 2 * L * h * t / cfg.sparse_config.kernel_stride
+    # top-k covering every block: the attention term is dense again (plus the scoring)
+    wide = cfg.replace(sparse_config=dataclasses.replace(cfg.sparse_config, topk=128))
+    assert train_flops_per_token(wide, t, sparse=True) > dense
