@@ -1,5 +1,18 @@
 """Tokenizer: a Llama/MiniCPM-style SentencePiece BPE with byte fallback, trained on the corpus or loaded from a
-user's MiniCPM `tokenizer.model` / `tokenizer.json`, behind one interface with a ChatML chat template.
+user's `tokenizer.model` / `tokenizer.json` (MiniCPM, a base model, any Llama-style SentencePiece model), behind one
+interface with a chat template.
+
+Chat tokens are optional: a tokenizer without `<|im_start|>` / `<|im_end|>` (a base model's, MiniCPM-1/2's) loads,
+encodes, decodes, saves and exports; its `im_start_id` / `im_end_id` are None and its chat template is the one in its
+tokenizer_config.json, if any (ChatML is the default only when the ChatML tokens exist). Rendering a chat with no
+template raises ValueError.
+
+Added tokens: a SentencePiece model loaded from a directory also takes the tokens of `added_tokens.json`
+({content: id}) and `tokenizer_config.json` (`added_tokens_decoder`: {id: {content, special}}), as llama.cpp's
+converter (convert_hf_to_gguf.py `_create_vocab_sentencepiece`) does: an id past the SentencePiece vocabulary extends
+it (unfilled ids in between are `[PAD{i}]` UNUSED), an id inside it re-labels that piece; the type is CONTROL for a
+`special` token, else USER_DEFINED. Like the ChatML pieces, every added token is parsed out of any text as one id and
+decodes to its own text.
 
 Training follows data-offline.md §3 so that llama.cpp's SPM tokenizer reproduces our ids: identity normalization,
 remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, byte_fallback, split_digits, unk/bos/eos = 0/1/2,
@@ -12,11 +25,15 @@ without one (our default) it equals SentencePiece's encoding of the whole string
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import logging
 import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
+
+from data_pipeline.records import atomic_path, write_json, write_text
 
 log = logging.getLogger("data_pipeline")
 
@@ -37,21 +54,65 @@ _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 # ====================================================================== backends
 class _SPM:
-    """sentencepiece.SentencePieceProcessor over a serialized ModelProto."""
+    """sentencepiece.SentencePieceProcessor over a serialized ModelProto, plus the added tokens of an HF tokenizer
+    config (`added`: id -> (content, special)) laid over / past its pieces as llama.cpp's converter lays them.
+
+    SentencePiece runs on a derived ModelProto in which every added token is a USER_DEFINED piece at its id (padding
+    ids in between are CONTROL `[PAD{i}]` pieces that decode to nothing), so encode and decode stay SentencePiece's
+    own: a re-labelled piece's old text is no longer a piece (as in llama.cpp's vocabulary), and an added token
+    decodes to its text in place, with SentencePiece's dummy-prefix handling around it. `proto_bytes` stays the
+    model's own file; `pieces()` gives the types llama.cpp gets (CONTROL for a special added token).
+    """
 
     kind = "sentencepiece"
 
-    def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as pb
+    def __init__(self, model_proto: bytes, added: Optional[dict[int, tuple[str, bool]]] = None):
+        import sentencepiece as spm   # heavy: only for SentencePiece models
+        from sentencepiece import sentencepiece_model_pb2 as pb   # protobuf model editing, SentencePiece models only
 
         self.proto_bytes = model_proto
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.proto = pb.ModelProto()
         self.proto.ParseFromString(model_proto)
+        self.added = {int(i): (str(c), bool(s)) for i, (c, s) in sorted((added or {}).items())}
+        n_model = len(self.proto.pieces)
+        # ids whose piece differs from the model's: id -> (piece, score, llama.cpp type)
+        self.over: dict[int, tuple[str, float, int]] = {}
+        for i, (content, special) in self.added.items():
+            if i < 0 or not content:
+                raise ValueError(f"added token {content!r}: bad id {i} or empty text")
+            if i < n_model:
+                p = self.proto.pieces[i]
+                if p.piece == content and p.type in (USER_DEFINED, CONTROL, UNKNOWN):
+                    continue  # already a whole-token piece (the ChatML markers, <s>, </s>, <unk>): kept as it is
+            if content in (BOS, EOS, UNK):
+                continue  # the model's own specials, wherever a config lists them
+            self.over[i] = (content, -1000.0, CONTROL if special else USER_DEFINED)
+        self.n_model = n_model
+        if self.over:
+            model_proto = self._derived_proto(pb)
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._n = self.sp.get_piece_size()
+
+    def _derived_proto(self, pb) -> bytes:
+        proto = pb.ModelProto()
+        proto.CopyFrom(self.proto)
+        n = max(self.over) + 1
+        for i in range(self.n_model, n):
+            proto.pieces.add(piece=f"[PAD{i}]", score=-1000.0, type=CONTROL)
+        where = {p.piece: i for i, p in enumerate(proto.pieces) if i not in self.over}
+        for i, (content, score, _) in self.over.items():
+            if content in where:
+                raise ValueError(f"added token {content!r} (id {i}) is also piece {where[content]} of the model: one "
+                                 "text cannot have two ids")
+            old = proto.pieces[i]
+            if i < self.n_model and old.piece != content and old.type in (NORMAL, BYTE):
+                log.warning("added token %d %r replaces the piece %r", i, content, old.piece)
+            old.piece, old.score, old.type = content, score, USER_DEFINED
+            where[content] = i
+        return proto.SerializeToString()
 
     def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
+        return self._n
 
     def piece_to_id(self, piece: str) -> Optional[int]:
         i = self.sp.piece_to_id(piece)
@@ -71,7 +132,14 @@ class _SPM:
         return self.sp.decode(list(ids))
 
     def pieces(self) -> list[tuple[str, float, int]]:
-        return [(p.piece, float(p.score), int(p.type)) for p in self.proto.pieces]
+        out = [(p.piece, float(p.score), int(p.type)) for p in self.proto.pieces]
+        out += [(f"[PAD{i}]", -1000.0, UNUSED) for i in range(self.n_model, self._n)]
+        for i, p in self.over.items():
+            out[i] = p
+        return out
+
+    def added_tokens(self) -> dict[int, tuple[str, bool]]:
+        return dict(self.added)
 
     def add_dummy_prefix(self) -> bool:
         return bool(self.proto.normalizer_spec.add_dummy_prefix)
@@ -82,7 +150,10 @@ class _SPM:
         return {"unk": ok(t.unk_id), "bos": ok(t.bos_id), "eos": ok(t.eos_id), "pad": ok(t.pad_id)}
 
     def user_defined(self) -> dict[str, int]:
-        return {p.piece: i for i, p in enumerate(self.proto.pieces) if p.type == USER_DEFINED}
+        """Pieces parsed out of any text: the model's USER_DEFINED pieces and the added tokens."""
+        out = {p.piece: i for i, p in enumerate(self.proto.pieces) if p.type == USER_DEFINED and i not in self.over}
+        out.update({c: i for i, (c, _, _) in self.over.items()})
+        return out
 
     def normalizer_warning(self) -> Optional[str]:
         n = self.proto.normalizer_spec
@@ -98,7 +169,7 @@ class _HF:
     kind = "tokenizers"
 
     def __init__(self, json_text: str):
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTokenizer   # heavy: only for tokenizer.json models
 
         self.json_text = json_text
         self.tok = HFTokenizer.from_str(json_text)
@@ -129,7 +200,7 @@ class _HF:
         out = []
         for i in range(self.vocab_size()):
             piece = self.tok.id_to_token(i)
-            if piece is None:
+            if piece is None or piece == f"[PAD{i}]":  # a hole, or a padding id (as spm_to_hf_json writes them)
                 out.append((f"[PAD{i}]", 0.0, UNUSED))
             elif piece == unk:
                 out.append((piece, 0.0, UNKNOWN))
@@ -155,16 +226,20 @@ class _HF:
     def user_defined(self) -> dict[str, int]:
         return {a["content"]: a["id"] for a in self.spec.get("added_tokens", [])}
 
+    def added_tokens(self) -> dict[int, tuple[str, bool]]:
+        return {a["id"]: (a["content"], bool(a.get("special"))) for a in self.spec.get("added_tokens", [])}
+
     def normalizer_warning(self) -> Optional[str]:
         return None
 
 
 # ====================================================================== the interface
 class Tokenizer:
-    """encode/decode, special ids, ChatML chat template and assistant mask, save/load, GGUF metadata.
+    """encode/decode, special ids, chat template and assistant mask, save/load, GGUF metadata.
 
-    Attributes: vocab_size, bos_id, eos_id, unk_id, pad_id, im_start_id, im_end_id, chat_template (Jinja),
-    add_dummy_prefix, kind ("sentencepiece" | "tokenizers"), path (where it was loaded from, if anywhere).
+    Attributes: vocab_size, bos_id, eos_id, unk_id, pad_id, im_start_id / im_end_id (None without ChatML tokens),
+    chat_template (Jinja, or None: the config's own, else ChatML when the ChatML tokens exist), add_dummy_prefix,
+    kind ("sentencepiece" | "tokenizers"), path (where it was loaded from, if anywhere), added_tokens.
     """
 
     def __init__(self, backend: Any, *, chat_template: Optional[str] = None,
@@ -172,7 +247,6 @@ class Tokenizer:
         self._b = backend
         self.kind = backend.kind
         self.path = path
-        self.chat_template = chat_template or CHATML_TEMPLATE
         ids = backend.special_ids()
         self.unk_id = ids["unk"] if ids["unk"] is not None else 0
         self.bos_id = ids["bos"] if ids["bos"] is not None else backend.piece_to_id(BOS)
@@ -188,17 +262,19 @@ class Tokenizer:
                 pid = backend.piece_to_id(s)
                 if pid is not None and pid != self.unk_id:
                     self._specials[s] = pid
-        missing = [s for s in (IM_START, IM_END) if s not in self._specials]
-        if missing:
-            raise ValueError(f"tokenizer at {path} lacks the ChatML tokens {missing}")
-        self.im_start_id = self._specials[IM_START]
-        self.im_end_id = self._specials[IM_END]
+        # ChatML is needed only for ChatML chats: without its tokens the ids are None and there is no default template
+        self.im_start_id: Optional[int] = self._specials.get(IM_START)
+        self.im_end_id: Optional[int] = self._specials.get(IM_END)
+        has_chatml = self.im_start_id is not None and self.im_end_id is not None
+        self.chat_template: Optional[str] = chat_template or (CHATML_TEMPLATE if has_chatml else None)
         # Control and unknown pieces (<s>, </s>, <unk>) are parsed from text only when asked (parse_special=True),
         # as llama.cpp (special=True) and HF do.
         self._controls = {p: i for i, (p, _, t) in enumerate(backend.pieces()) if t in (CONTROL, UNKNOWN)}
         self._controls.update({BOS: self.bos_id, EOS: self.eos_id})
         self._split_re = self._make_split(self._specials)
         self._split_all_re = self._make_split({**self._specials, **self._controls})
+        # first characters of every special-token string: text without any of them needs no splitting
+        self._lead = frozenset(t[0] for t in (*self._specials, *self._controls) if t)
         self._jinja = None
         warn = backend.normalizer_warning()
         if warn:
@@ -218,9 +294,19 @@ class Tokenizer:
     def add_dummy_prefix(self) -> bool:
         return self._b.add_dummy_prefix()
 
+    @property
+    def added_tokens(self) -> dict[int, tuple[str, bool]]:
+        """id -> (text, special) of the tokens the tokenizer config adds (tokenizer.json's added tokens for the
+        `tokenizers` kind); special ones are CONTROL tokens in a GGUF."""
+        return self._b.added_tokens()
+
+    def _plain(self, text: str) -> bool:
+        """Whether `text` cannot contain a special-token string (the fast path)."""
+        return not any(c in text for c in self._lead)
+
     def _fragments(self, text: str, parse_special: bool) -> list[tuple[str, Optional[int], int]]:
         """(fragment text, special id or None, char offset) pieces of `text` split at special-token strings."""
-        if "<" not in text:  # fast path: no special-token string can occur
+        if self._plain(text):  # fast path: no special-token string can occur
             return [(text, None, 0)] if text else []
         rx = self._split_all_re if parse_special else self._split_re
         table = {**self._specials, **self._controls} if parse_special else self._specials
@@ -248,7 +334,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
                      num_threads: int = 2) -> list[list[int]]:
         """`encode` of many texts; SentencePiece encodes them in `num_threads` C++ threads."""
-        if self.kind != "sentencepiece" or any("<" in t for t in texts):
+        if self.kind != "sentencepiece" or not all(self._plain(t) for t in texts):
             return [self.encode(t, add_bos, add_eos) for t in texts]
         ids = self._b.sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos, num_threads=num_threads)
         return ids
@@ -268,7 +354,7 @@ class Tokenizer:
         return ids, spans
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; BOS/EOS/pad are dropped, ChatML tokens are kept as text."""
+        """Text of `ids`; BOS/EOS/pad are dropped, ChatML and added tokens are kept as text."""
         drop = {self.bos_id, self.eos_id}
         if self.pad_id != self.unk_id:
             drop.add(self.pad_id)
@@ -279,13 +365,17 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        if self.chat_template is None:
+            raise ValueError(f"tokenizer {self.path or '(built in memory)'} has no chat template: its "
+                             "tokenizer_config.json sets no chat_template and it has no ChatML tokens "
+                             f"({IM_START}, {IM_END}); it can encode text but not render chat messages")
         if self._jinja is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            from jinja2.sandbox import ImmutableSandboxedEnvironment   # only when a chat template is rendered
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # HF's settings
             self._jinja = env.from_string(self.chat_template)
         return self._jinja.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                  bos_token=BOS, eos_token=EOS)
+                                  bos_token=BOS, eos_token=EOS, raise_exception=_raise_template_error)
 
     @staticmethod
     def _check_messages(messages: Sequence[dict]) -> None:
@@ -336,40 +426,47 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | Path) -> Path:
-        """Write tokenizer.model (SentencePiece) or tokenizer.json, plus HF tokenizer_config.json (with the ChatML
-        chat_template) and special_tokens_map.json. A SentencePiece model also gets an equivalent tokenizer.json
-        (LlamaTokenizerFast layout) so HF fast tokenizers load it."""
-        from data_pipeline.records import atomic_path, write_json, write_text
-
+        """Write tokenizer.model (SentencePiece) or tokenizer.json, plus HF tokenizer_config.json (with the chat
+        template, if any, and the added tokens) and special_tokens_map.json. A SentencePiece model also gets an
+        equivalent tokenizer.json (LlamaTokenizerFast layout) so HF fast tokenizers load it."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.kind == "sentencepiece":
             with atomic_path(d / "tokenizer.model") as tmp:
                 tmp.write_bytes(self._b.proto_bytes)
-            write_text(d / "tokenizer.json", spm_to_hf_json(self._b.proto_bytes))
+            write_text(d / "tokenizer.json", spm_to_hf_json(self._b.proto_bytes, self._b.added))
         else:
             write_text(d / "tokenizer.json", self._b.json_text)
-        added = {}
+        # a config's own `special` flags; the model's user-defined pieces (ChatML) are written special as before
+        flags = {i: sp for i, (_, sp) in self._b.added.items()} if self.kind == "sentencepiece" else {}
+        added, extra = {}, []
         for content, i in sorted({**self._specials, UNK: self.unk_id, BOS: self.bos_id, EOS: self.eos_id}.items(),
                                  key=lambda kv: kv[1]):
+            special = flags.get(i, True) or content in (BOS, EOS, UNK)
             added[str(i)] = {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                             "single_word": False, "special": True}
-        write_json(d / "tokenizer_config.json", {
+                             "single_word": False, "special": special}
+            if special and content not in (BOS, EOS, UNK):
+                extra.append(content)
+        config = {
             "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
             "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": None,
-            "additional_special_tokens": [IM_START, IM_END], "added_tokens_decoder": added,
+            "additional_special_tokens": extra, "added_tokens_decoder": added,
             "chat_template": self.chat_template, "clean_up_tokenization_spaces": False,
             "legacy": True, "add_prefix_space": self.add_dummy_prefix, "spaces_between_special_tokens": False,
             "model_max_length": 1 << 20, "sp_model_kwargs": {},
-        })
+        }
+        if self.chat_template is None:
+            del config["chat_template"]
+        write_json(d / "tokenizer_config.json", config)
         write_json(d / "special_tokens_map.json", {
-            "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "additional_special_tokens": [IM_START, IM_END]})
+            "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "additional_special_tokens": extra})
         return d
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         """Load from a directory (tokenizer.model preferred, else tokenizer.json; tokenizer_config.json supplies
-        the chat template and added tokens) or from a tokenizer.model / tokenizer.json file."""
+        the chat template and, with added_tokens.json, added tokens) or from a tokenizer.model / tokenizer.json
+        file (the config files next to it are read too)."""
         p = Path(path)
         if p.is_dir():
             d = p
@@ -379,19 +476,33 @@ class Tokenizer:
         if not model.exists():
             raise FileNotFoundError(f"no tokenizer.model or tokenizer.json at {path}")
         template, extra = None, {}
+        # id -> (content, special), in llama.cpp's converter's order: added_tokens.json, then added_tokens_decoder
+        added: dict[int, tuple[str, bool]] = {}
+        at_path = d / "added_tokens.json"
+        if at_path.exists() and model.suffix == ".model":
+            at = _read_json(at_path)
+            if not isinstance(at, dict) or not all(isinstance(k, str) and type(v) is int for k, v in at.items()):
+                raise ValueError(f"{at_path}: expected {{token text: id}}")
+            added.update({v: (k, False) for k, v in at.items()})
         cfg_path = d / "tokenizer_config.json"
         if cfg_path.exists():
-            try:
-                tc = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+            tc = _read_json(cfg_path)
+            if not isinstance(tc, dict):
+                raise ValueError(f"{cfg_path}: expected a JSON object")
             template = tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
             for k, v in (tc.get("added_tokens_decoder") or {}).items():
-                if isinstance(v, dict) and v.get("content") not in (BOS, EOS, UNK, None):
-                    extra[v["content"]] = int(k)
+                if not isinstance(v, dict) or not isinstance(v.get("content"), str) or not v["content"]:
+                    continue
+                try:
+                    i = int(k)
+                except ValueError:
+                    raise ValueError(f"{cfg_path}: added_tokens_decoder key {k!r} is not a token id") from None
+                added[i] = (v["content"], bool(v.get("special")))
+                if v["content"] not in (BOS, EOS, UNK):
+                    extra[v["content"]] = i
         if model.suffix == ".model":
-            backend = _SPM(model.read_bytes())
-            extra = {k: v for k, v in extra.items() if v < backend.vocab_size()}
+            backend = _SPM(model.read_bytes(), added)
+            extra = {}  # the backend lays the added tokens over / past its pieces
         elif model.suffix == ".json":
             backend = _HF(model.read_text(encoding="utf-8"))
         else:
@@ -410,13 +521,28 @@ class Tokenizer:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_jinja"] = None
-        state["_b"] = (self._b.kind, self._b.proto_bytes if self._b.kind == "sentencepiece" else self._b.json_text)
+        if self._b.kind == "sentencepiece":
+            state["_b"] = (self._b.kind, self._b.proto_bytes, self._b.added)
+        else:
+            state["_b"] = (self._b.kind, self._b.json_text, None)
         return state
 
     def __setstate__(self, state):
-        kind, payload = state["_b"]
-        state["_b"] = _SPM(payload) if kind == "sentencepiece" else _HF(payload)
+        kind, payload, added = state["_b"]
+        state["_b"] = _SPM(payload, added) if kind == "sentencepiece" else _HF(payload)
         self.__dict__.update(state)
+
+
+def _raise_template_error(message: str):
+    """`raise_exception` of HF chat templates (a config's own template may call it)."""
+    raise ValueError(f"chat template: {message}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 # ====================================================================== training
@@ -424,9 +550,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, character_cove
                         add_dummy_prefix: bool = False, num_threads: int = 2, seed: int = 0) -> Tokenizer:
     """Train a Llama-style SentencePiece BPE on `texts` (documents; split into lines, as SentencePiece trains on
     lines, so newlines are byte-fallback `<0x0A>` tokens exactly as in Llama)."""
-    import io
-
-    import sentencepiece as spm
+    import sentencepiece as spm   # heavy: only for SentencePiece models
 
     def lines(texts):
         for t in texts:
@@ -457,8 +581,6 @@ def _fit_characters(texts: list[str], vocab_size: int, coverage: float) -> list[
     vocabulary on Chinese text hits (thousands of distinct characters). Then only the most frequent characters,
     half the room left after the 256 byte pieces and the specials, stay in the training text; the others become
     spaces there, and byte fallback encodes them at run time."""
-    import collections
-
     room = (vocab_size - 256 - 5) // 2
     if room <= 0:
         raise ValueError(f"data.vocab_size {vocab_size} is too small: it needs 256 byte pieces and 5 specials")
@@ -482,25 +604,27 @@ def _fit_characters(texts: list[str], vocab_size: int, coverage: float) -> list[
 
 
 # ====================================================================== SentencePiece -> tokenizer.json
-def spm_to_hf_json(model_proto: bytes) -> str:
+def spm_to_hf_json(model_proto: bytes, added: Optional[dict[int, tuple[str, bool]]] = None) -> str:
     """An HF `tokenizers` BPE equivalent to a SentencePiece BPE model (what transformers' LlamaConverter builds):
-    merges are every split of a piece into two pieces, ranked by the merged piece's score."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
+    merges are every split of a piece into two pieces, ranked by the merged piece's score. `added` (id ->
+    (content, special)) are the tokens a tokenizer config adds, laid over / past the pieces as `_SPM` lays them."""
+    from tokenizers import AddedToken   # heavy: only for tokenizer.json models
+    from tokenizers import Tokenizer as HFTokenizer   # heavy: only for tokenizer.json models
+    from tokenizers import decoders, models, normalizers   # heavy: only for tokenizer.json models
 
-    proto = pb.ModelProto()
-    proto.ParseFromString(model_proto)
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    spm_ = _SPM(model_proto, added)
+    proto = spm_.proto
+    pieces = spm_.pieces()
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
     merges = []
-    for i, p in enumerate(proto.pieces):
-        if p.type != NORMAL:
+    for i, (piece, score, typ) in enumerate(pieces):
+        if typ != NORMAL:
             continue
-        piece = p.piece
         local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
         local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
-        merges.extend((lft, rgt, p.score, i) for lft, rgt in local)
+        merges.extend((lft, rgt, score, i) for lft, rgt in local)
     merges.sort(key=lambda m: (-m[2], m[3]))
-    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    unk = pieces[proto.trainer_spec.unk_id][0]
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _, _ in merges], unk_token=unk,
                                  fuse_unk=True, byte_fallback=True))
     norms = [normalizers.Replace(" ", "▁")]
@@ -510,11 +634,11 @@ def spm_to_hf_json(model_proto: bytes) -> str:
         decs.append(decoders.Strip(" ", 1, 0))
     tok.normalizer = normalizers.Sequence(norms)
     tok.decoder = decoders.Sequence(decs)
-    special = [AddedToken(p.piece, special=True, normalized=False)
-               for p in proto.pieces if p.type in (CONTROL, UNKNOWN)]
+    special = [AddedToken(p, special=True, normalized=False) for p, _, t in pieces if t in (CONTROL, UNKNOWN)]
     # user-defined pieces (the ChatML markers) stay non-special added tokens: matched in any text, like
-    # SentencePiece's USER_DEFINED pieces (and so typed USER_DEFINED again when read back)
-    user = [AddedToken(p.piece, special=False, normalized=False) for p in proto.pieces if p.type == USER_DEFINED]
+    # SentencePiece's USER_DEFINED pieces (and so typed USER_DEFINED again when read back). Added tokens past the
+    # SentencePiece pieces are in the BPE vocabulary at their ids (no merge makes them), so they keep those ids.
+    user = [AddedToken(p, special=False, normalized=False) for p, _, t in pieces if t == USER_DEFINED]
     tok.add_special_tokens(special)
     tok.add_tokens(user)
     return tok.to_str()

@@ -2,15 +2,21 @@
 
 `tokenizer.ggml.model = "llama"`, `pre = "default"`, every piece in id order with its score and token type, byte
 pieces `<0xXX>` typed BYTE (llama.cpp's byte fallback), bos/eos/unk ids, `add_space_prefix` = the model's
-`add_dummy_prefix`, and the ChatML chat template. Verified on 3379/3379 strings for a SentencePiece BPE trained with
-identity normalization and `remove_extra_whitespaces=False`; other normalizers are refused (llama.cpp applies no
-NFKC and never collapses whitespace, so their ids would differ).
+`add_dummy_prefix`, and the tokenizer's chat template (none for a tokenizer without one, e.g. a base model's).
+Verified on 3379/3379 strings for a SentencePiece BPE trained with identity normalization and
+`remove_extra_whitespaces=False`; other normalizers are refused (llama.cpp applies no NFKC and never collapses
+whitespace, so their ids would differ).
 
 Token types: the ChatML markers are written CONTROL, as HF's `added_tokens_decoder` marks them `special` and as
 llama.cpp's own converter writes special added tokens. (llama.cpp forces `<|im_end|>` to CONTROL anyway: it detects
 it as end-of-turn by its text.) CONTROL strings are parsed out of text only with `tokenize(..., special=True)`, which
 is what llama.cpp's completion and chat paths use; that mode equals `Tokenizer.encode(text, parse_special=True)`.
 With `special=False` llama.cpp tokenizes `<s>`, `</s>`, `<|im_start|>`, `<|im_end|>` as plain text.
+
+Added tokens (tokenizer_config.json `added_tokens_decoder` / added_tokens.json, laid over or past the SentencePiece
+pieces by data_pipeline's Tokenizer as llama.cpp's converter does) are written at their ids: CONTROL when `special`,
+else USER_DEFINED (which llama.cpp parses out of text in both modes, as our Tokenizer does). A tokenizer without the
+ChatML tokens has no end-of-turn id and no template unless its config brings one.
 """
 
 from __future__ import annotations
@@ -81,6 +87,11 @@ def build_vocab(tokenizer: Any, n_vocab: int, *, allow_mismatch: bool = False) -
     for special in CHATML:
         i = _find(tokens, special)
         if i is not None and types[i] == USER_DEFINED:
+            types[i] = CONTROL
+    # special added tokens are CONTROL, as llama.cpp's converter writes them (a model's own USER_DEFINED piece that
+    # the config marks special included): like the ChatML markers, llama.cpp then parses them with special=True only
+    for i, (text, special) in (getattr(tokenizer, "added_tokens", None) or {}).items():
+        if special and 0 <= i < len(tokens) and tokens[i] == text and types[i] == USER_DEFINED:
             types[i] = CONTROL
     if len(set(tokens)) != len(tokens):
         dup = next(t for t in tokens if tokens.count(t) > 1)
