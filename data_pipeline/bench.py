@@ -14,12 +14,15 @@ Measured in one run on a prepared workdir:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from data_pipeline import corpus as C
 from data_pipeline.config import DataConfig
+from data_pipeline.debian import default_cache_dir
+from data_pipeline.pipeline import make_train_iterator
 from data_pipeline.prepare import PreparedData
 
 
@@ -56,8 +59,6 @@ def _measure(it, seconds: float, min_batches: int = 5) -> tuple[float, float, fl
 
 
 def bench_pipeline(prepared: PreparedData, cfg: DataConfig, workers=(0, 1, 2), seconds: float = 4.0) -> list[dict]:
-    from data_pipeline.pipeline import make_train_iterator
-
     corpus_shards: dict[str, list[str]] = {}
     man = C.load_manifest(prepared.workdir / "corpus")
     for name, m in man["sources"].items():
@@ -80,8 +81,6 @@ def bench_pipeline(prepared: PreparedData, cfg: DataConfig, workers=(0, 1, 2), s
 def run(prepared: PreparedData, cfg: DataConfig, *, train_tokens_per_s: Optional[float] = None,
         train_step: Optional[Callable[[int, int], float]] = None, workers=(0, 1, 2), seconds: float = 4.0) -> dict:
     """Run every measurement and print the table; returns the numbers."""
-    import os
-
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {os.cpu_count()} CPUs, load average {load:.2f}; batch {cfg.batch_size} x seq_len {cfg.seq_len}")
     sc = bench_scoring(prepared)
@@ -108,33 +107,12 @@ def run(prepared: PreparedData, cfg: DataConfig, *, train_tokens_per_s: Optional
         print(f"\nmain-job path (token shards), slowest setting: {worst / train_tokens_per_s:,.1f}x the train step: "
               f"the pipeline is {verdict}")
     else:
-        print("\ntrain step not measured (pass --train-tokens-per-s, or run experiments/bench/bench_data.py)")
+        print("\ntrain step not measured (pass --train-tokens-per-s, or run `minicpm bench data`)")
     return {"scoring": sc, "pipeline": rows, "train_tokens_per_s": train_tokens_per_s}
 
 
 def default_workdir() -> Path:
-    from data_pipeline.debian import default_cache_dir
-
     return default_cache_dir() / "bench-data"
-
-
-def train_step_subprocess(batch: int, seq: int) -> Optional[float]:
-    """Tokens/s of the tiny train step, measured by minicpm_jax in a child process (this package does not import
-    the model), or None when it is not installed."""
-    import json
-    import subprocess
-    import sys
-
-    code = ("import json; from minicpm_jax.train.bench import time_train_step, CONFIGS; "
-            f"print('RESULT', json.dumps(time_train_step(CONFIGS['tiny'](), {batch}, {seq}, 3)))")
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return float(json.loads(line[7:])["tokens_per_s"])
-    return None
 
 
 def summary_numbers(result: dict) -> dict:

@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +29,7 @@ from data_pipeline import corpus as C
 from data_pipeline import records
 from data_pipeline.config import ClassifierConfig, DataConfig
 from data_pipeline.normalize import Preprocessor
+from data_pipeline.tokenizer import Tokenizer
 
 log = logging.getLogger("data_pipeline")
 
@@ -98,7 +101,7 @@ class QualityClassifier:
     @property
     def model(self):
         if self._model is None:
-            import fasttext
+            import fasttext   # C extension: loaded only where a classifier is trained or run
 
             self._model = fasttext.load_model(self.model_path)
         return self._model
@@ -120,7 +123,6 @@ class QualityClassifier:
 def preprocessor(tokenization: str, tokenizer_path: Optional[str]) -> Preprocessor:
     if tokenization != "spm":
         return Preprocessor(tokenization)
-    from data_pipeline.tokenizer import Tokenizer
 
     if tokenizer_path is None:
         raise ValueError("classifier.tokenization 'spm' needs a tokenizer path")
@@ -148,9 +150,6 @@ def predict_pos(model, lines: Sequence[str]) -> np.ndarray:
 
 def _run_ftrain(args: dict) -> None:
     """Run data_pipeline.ftrain in a child interpreter with zero-filled malloc (see its docstring for why)."""
-    import subprocess
-    import sys
-
     path = [str(Path(__file__).resolve().parent.parent)] + [
         p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "MALLOC_PERTURB_": "255"}  # zero-filled malloc
@@ -164,7 +163,7 @@ def _run_ftrain(args: dict) -> None:
 
 def _train_fasttext(lines: list[str], labels: list[bool], cfg: ClassifierConfig, tmp_dir: Path, seed: int):
     """Train on (line, label) pairs in a fresh process and load the model here."""
-    import fasttext
+    import fasttext   # C extension: loaded only where a classifier is trained or run
 
     tmp_dir.mkdir(parents=True, exist_ok=True)
     path = tmp_dir / f".train-{os.getpid()}.txt"
@@ -198,7 +197,7 @@ def _train_fasttext(lines: list[str], labels: list[bool], cfg: ClassifierConfig,
 
 
 def _quantize(model_path: Path, out_path: Path, threads: int):
-    import fasttext
+    import fasttext   # C extension: loaded only where a classifier is trained or run
 
     _run_ftrain({"quantize_from": str(model_path), "output": str(out_path), "thread": threads})
     return fasttext.load_model(str(out_path))

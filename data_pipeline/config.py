@@ -19,6 +19,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
+import yaml
+from omegaconf import OmegaConf
+
 TASKS = ("pretrain", "sft")
 CLASSIFIER_TOKENIZATIONS = ("spm", "simple")
 
@@ -213,8 +216,6 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]] = None, overrides: Sequence[str] = ()) -> "DataConfig":
         """Defaults <- `d` (the `data:` mapping of an experiment) <- `overrides` ("key=value" dotlist strings)."""
-        from omegaconf import OmegaConf  # the config library the project uses for YAML + overrides
-
         base = OmegaConf.structured(cls)
         merged = OmegaConf.merge(base, OmegaConf.create(dict(d or {})), OmegaConf.from_dotlist(list(overrides)))
         kwargs = OmegaConf.to_container(merged, resolve=True)
@@ -231,8 +232,6 @@ class DataConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> "DataConfig":
         """Read the `data:` section of an experiment YAML (or a file that is only a data section)."""
-        import yaml
-
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         section = doc.get("data", doc) if isinstance(doc, Mapping) else None
         if not isinstance(section, Mapping):

@@ -10,6 +10,7 @@ Nothing here is committed: the text is rebuilt on each machine from the packages
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import logging
 import random
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-from data_pipeline import debian, records, sources as S
+from data_pipeline import debian, records
+from data_pipeline import sources as S
 from data_pipeline.config import DataConfig
 from data_pipeline.report import DropReport
 
@@ -206,8 +208,6 @@ def plan_sources(cfg: DataConfig) -> list[S.Source]:
 
 def corpus_fingerprint(cfg: DataConfig) -> str:
     """Hash of everything the corpus depends on (config fields, package versions, input file stats)."""
-    import importlib.metadata as md
-
     def ver(p):
         try:
             return md.version(p)

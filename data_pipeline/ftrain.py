@@ -17,7 +17,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    import fasttext
+    import fasttext   # C extension: loaded only where a classifier is trained or run
 
     args = json.loads(argv[0])
     if "quantize_from" in args:

@@ -24,10 +24,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import grain
 import numpy as np
+from absl import flags
 
 from data_pipeline import records
+from data_pipeline.classifier import QualityClassifier
 from data_pipeline.config import DataConfig, MixtureComponent
 from data_pipeline.packing import ToBatch, pack
+from data_pipeline.prepare import PreparedData, load_prepared
+from data_pipeline.tokenizer import Tokenizer
 
 log = logging.getLogger("data_pipeline")
 
@@ -106,7 +110,7 @@ class ParquetSource(grain.sources.RandomAccessDataSource):
     """
 
     def __init__(self, paths: Sequence[str], columns: Optional[Sequence[str]] = None, cache_groups: int = 4):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq   # heavy (pyarrow): Parquet inputs only
 
         self.paths = [str(p) for p in paths]
         self.columns = list(columns) if columns else None
@@ -128,7 +132,7 @@ class ParquetSource(grain.sources.RandomAccessDataSource):
         return self._len
 
     def __getitem__(self, i: int) -> dict:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq   # heavy (pyarrow): Parquet inputs only
 
         i = int(i)
         if not 0 <= i < self._len:
@@ -186,8 +190,6 @@ def _expand(p: Union[str, Path]) -> list[str]:
 def resolve_inputs(prepared_or_paths: Paths, cfg: DataConfig, classifier: Any = None) -> Inputs:
     """PreparedData | a prepared workdir | a directory or glob of shards | a list of paths | {source: [paths]}.
     `classifier` (a QualityClassifier or its directory) scores text records that carry no score."""
-    from data_pipeline.prepare import PreparedData, load_prepared
-
     x = prepared_or_paths
     if isinstance(x, (str, Path)) and (Path(x) / "prepared.json").exists():
         x = load_prepared(x)
@@ -203,12 +205,8 @@ def resolve_inputs(prepared_or_paths: Paths, cfg: DataConfig, classifier: Any = 
             train.setdefault(records.shard_prefix(p), []).append(p)
     tok = None
     if cfg.tokenizer.path:
-        from data_pipeline.tokenizer import Tokenizer
-
         tok = Tokenizer.load(cfg.tokenizer.path)
     if isinstance(classifier, (str, Path)):
-        from data_pipeline.classifier import QualityClassifier
-
         classifier = QualityClassifier.load(classifier)
     return Inputs(train=train, eval=dict(train), tokenizer=tok, classifier=classifier)
 
@@ -290,7 +288,6 @@ def _finish(rows: grain.IterDataset, cfg: DataConfig, inputs: Inputs, *, drop_re
 def _ensure_absl_flags() -> None:
     # grain's worker processes read absl flags; outside absl.app.run they are unparsed and grain raises
     # UnparsedFlagAccessError. Marking them parsed keeps every flag at its default.
-    from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
@@ -298,7 +295,7 @@ def _ensure_absl_flags() -> None:
 
 def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
+        import jax   # the data side needs JAX only for the process index default
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count

@@ -21,16 +21,18 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from data_pipeline import classifier as K
 from data_pipeline import corpus as C
-from data_pipeline import records
+from data_pipeline import records, sft
 from data_pipeline.config import DataConfig
 from data_pipeline.report import DropReport
 from data_pipeline.tokenizer import Tokenizer, bytes_per_token, train_sentencepiece
@@ -98,10 +100,8 @@ def _step_dir(d: Path, key: str) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------- steps
-def _tokenizer_texts(corpus_dir: Path, manifest: dict, max_bytes: int, seed: int) -> list[str]:
+def tokenizer_texts(corpus_dir: Path, manifest: dict, max_bytes: int, seed: int) -> list[str]:
     """Training-split documents of the training sources, interleaved by source, up to max_bytes."""
-    import random
-
     names = [n for n, m in manifest["sources"].items() if not m.get("heldout")]
     per = {n: [d["text"] for d in C.iter_docs(corpus_dir, [n], split="train")] for n in names}
     rng = random.Random(seed)
@@ -172,8 +172,6 @@ def _relative(workdir: Path, shards: dict[str, list[Path]]) -> dict[str, list[st
 # ---------------------------------------------------------------- main entry
 def prepare_data(workdir: str | Path, cfg: DataConfig, *, progress: bool = True) -> PreparedData:
     """Build corpus, tokenizer, classifier and token shards under `workdir` (cached), return PreparedData."""
-    from tqdm.auto import tqdm
-
     t0 = time.time()
     w = Path(workdir)
     w.mkdir(parents=True, exist_ok=True)
@@ -219,7 +217,7 @@ def prepare_data(workdir: str | Path, cfg: DataConfig, *, progress: bool = True)
         tok_key = _fp(corpus_key, cfg.vocab_size, dataclasses.asdict(cfg.tokenizer), cfg.seed)
         cached = _cached(tok_dir, tok_key)
         if not cached:
-            texts = _tokenizer_texts(corpus_dir, manifest, int(cfg.tokenizer.max_train_mb * 1e6), cfg.seed)
+            texts = tokenizer_texts(corpus_dir, manifest, int(cfg.tokenizer.max_train_mb * 1e6), cfg.seed)
             tok = train_sentencepiece(texts, cfg.vocab_size, character_coverage=cfg.tokenizer.character_coverage,
                                       add_dummy_prefix=cfg.tokenizer.add_dummy_prefix, seed=cfg.seed)
             with _step_dir(tok_dir, tok_key) as tmp:
@@ -250,8 +248,6 @@ def prepare_data(workdir: str | Path, cfg: DataConfig, *, progress: bool = True)
         clf_report = records.read_json(clf_dir / "rounds.json")
         done("classifier", t, cached)
     else:
-        from data_pipeline import sft
-
         sft_dir = w / "sft"
         sft_key = _fp(tok_key, dataclasses.asdict(cfg.sft), cfg.seed, cfg.download, cfg.sources)
         cached = _cached(sft_dir, sft_key)

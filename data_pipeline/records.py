@@ -110,7 +110,7 @@ def write_shards(records: Iterable[bytes], out_dir: str | Path, prefix: str,
     `group_size:1` keeps every record its own chunk: random access for a global shuffle costs one read.
     Shards are written under temporary names and renamed once all are complete (the count is known only then).
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
+    from array_record.python.array_record_module import ArrayRecordWriter  # C extension, shards only
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def write_shards(records: Iterable[bytes], out_dir: str | Path, prefix: str,
 
 def read_shards(paths: Sequence[str | Path]) -> Iterator[bytes]:
     """Every record of the shards, in order (sequential read, for offline passes)."""
-    from array_record.python.array_record_module import ArrayRecordReader
+    from array_record.python.array_record_module import ArrayRecordReader  # C extension, shards only
 
     for p in paths:
         reader = ArrayRecordReader(str(p))

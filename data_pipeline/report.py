@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from data_pipeline.records import write_jsonl
+
 log = logging.getLogger("data_pipeline")
 
 REASONS = {
@@ -76,7 +78,5 @@ class DropReport:
 
     def write(self, path: str | Path) -> Path:
         """Write every kept drop as JSONL (file, line, reason, detail) for inspection."""
-        from data_pipeline.records import write_jsonl
-
         write_jsonl(path, self.kept)
         return Path(path)

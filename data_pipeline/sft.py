@@ -164,7 +164,7 @@ def _wiki_qa(root: Optional[Path], report: DropReport, seed: int = 0) -> list[QA
 
 
 def _pydoc_qa(root: Optional[Path], report: DropReport, seed: int = 0) -> list[QA]:
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics   # a large stdlib data module: only for this source
 
     rng = random.Random(seed)
     return [("python", rng.choice(_PYDOC_PROMPTS).format(t=k), topics[k].strip()) for k in sorted(topics)

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import html.parser
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
 import random
@@ -176,8 +178,6 @@ def shuffled(items: Iterable, ctx: SourceContext, salt: str, key: Callable = str
     Each item's rank is a hash of (seed, salt, key), not a shuffle of the whole list: an item present on two
     machines keeps its place even when the other one has a few files more or fewer (another Python patch release,
     another set of installed distributions), so samples stay comparable across machines."""
-    import hashlib
-
     return sorted(items, key=lambda x: hashlib.sha1(f"{ctx.seed}/{salt}/{key(x)}".encode()).hexdigest())
 
 
@@ -263,7 +263,6 @@ _DOCSTRING = re.compile(r'(?:\A|(?:def|class)\s[^\n]*:[ \t]*\n)[ \t]*[rRuU]?("""
 
 def _read_stdlib_docstrings(ctx: SourceContext) -> Iterator[str]:
     # Module, class and function docstrings of the stdlib: edited technical English, no code around it.
-    import inspect
 
     for p in shuffled(_stdlib_files(), ctx, "docstrings", _stdlib_key):
         text = read_text_file(p, ctx.report)
@@ -274,7 +273,7 @@ def _read_stdlib_docstrings(ctx: SourceContext) -> Iterator[str]:
 
 def _read_pydoc_topics(ctx: SourceContext) -> Iterator[str]:
     # The language reference that `help()` shows, shipped inside the stdlib: edited technical prose.
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics   # a large stdlib data module: only for this source
 
     for key in sorted(topics):
         yield topics[key]

@@ -79,10 +79,10 @@ def score_table(scores: dict[str, np.ndarray], threshold: float) -> str:
 def histogram_png(scores: dict[str, np.ndarray], labels: dict[str, Optional[str]], threshold: float,
                   out: Path) -> Path:
     """Score histograms by seed label (hq / raw / unlabelled), with the threshold marked."""
-    import matplotlib
+    import matplotlib   # heavy, and only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # heavy, and only for the plot
 
     groups: dict[str, list[np.ndarray]] = defaultdict(list)
     for name, s in scores.items():

@@ -1,4 +1,7 @@
-"""Training checkpoints with orbax: train state + grain iterator state + JSON metadata, saved asynchronously.
+"""Run-directory checkpoints with orbax: train state + grain iterator state + JSON metadata, saved asynchronously.
+
+Training writes them (`minicpm_jax.train`); the weight resolver (`minicpm_jax.weights`) reads their params for
+`init_from`, eval, export and generate, so this module sits at the model level, below both.
 
 Layout: `<run>/checkpoints/<step>/{state,data,meta}` (orbax CheckpointManager). Orbax writes each step into a
 temporary directory and commits it by renaming, so a process killed mid-save leaves the previous steps intact and
@@ -90,51 +93,7 @@ class Checkpointer:
 
 
 def run_paths(run_dir: str | Path) -> dict[str, Path]:
+    """The files of a training run directory."""
     run = Path(run_dir)
     return {"run": run, "config": run / "config.yaml", "checkpoints": run / "checkpoints",
             "tokenizer": run / "tokenizer"}
-
-
-def load_run_params(run_dir: str | Path, step: Optional[int] = None, mesh=None):
-    """(ExperimentConfig, ModelConfig, params) of a training run's checkpoint (latest unless `step`)."""
-    from minicpm_jax.model import abstract_params, param_logical_axes
-    from minicpm_jax.sharding import logical_shardings, make_mesh
-    from minicpm_jax.train.config import load_config
-    from minicpm_jax.train.step import with_shardings
-
-    paths = run_paths(run_dir)
-    if not paths["config"].exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml; not a minicpm training run directory")
-    exp = load_config(paths["config"])
-    cfg = exp.model_config()
-    ap = abstract_params(cfg)
-    mesh = mesh or make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    target = with_shardings(ap, logical_shardings(ap, param_logical_axes(cfg), mesh))
-    ckpt = Checkpointer(paths["checkpoints"], async_save=False)
-    try:
-        steps = ckpt.steps()
-        if not steps:
-            raise FileNotFoundError(f"{paths['checkpoints']}: no committed checkpoint")
-        if step is None:
-            restored = ckpt.restore_latest(target, params_only=True)
-            if restored is None:
-                raise CheckpointError(f"{paths['checkpoints']}: no checkpoint could be restored (steps {steps})")
-            _, params, _ = restored
-        else:
-            if step not in steps:
-                raise FileNotFoundError(f"{paths['checkpoints']}: no step {step} (have {steps})")
-            params, _ = ckpt.restore(step, target, params_only=True)
-    finally:
-        ckpt.close()
-    return exp, cfg, params
-
-
-def load_for_export(run_dir: str | Path, step: Optional[int] = None):
-    """(ModelConfig, params, Tokenizer | None) from a training run directory: the exporter's entry point."""
-    _, cfg, params = load_run_params(run_dir, step)
-    tok_dir = run_paths(run_dir)["tokenizer"]
-    tokenizer = None
-    if tok_dir.exists():
-        from data_pipeline.tokenizer import Tokenizer
-        tokenizer = Tokenizer.load(tok_dir)
-    return cfg, params, tokenizer

@@ -17,7 +17,8 @@ import numpy as np
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.kv_cache import KVCache, init_cache
-from minicpm_jax.model import MiniCPM, _check_attention
+from minicpm_jax.attention_plan import check_mode
+from minicpm_jax.model import MiniCPM
 from minicpm_jax.sampling import sample_token
 
 
@@ -118,7 +119,7 @@ def generate(params, cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]] | np.
       eos_token_id: ids that stop a row (default: cfg.eos_token_id); pass [] to never stop early.
       attention: "auto" | "dense" | "sparse" (see `forward`).
     """
-    _check_attention(attention)
+    check_mode(attention)
     if isinstance(prompt_ids, np.ndarray) or hasattr(prompt_ids, "shape"):
         prompt_ids = [list(map(int, row)) for row in np.asarray(prompt_ids)]
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):

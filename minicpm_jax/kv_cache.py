@@ -8,6 +8,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from minicpm_jax.attention_plan import plan_attention
+from minicpm_jax import sparse as sp
 from minicpm_jax.config import ModelConfig
 
 
@@ -33,9 +35,7 @@ class KVCache:
 
 def needs_sparse_cache(cfg: ModelConfig, capacity: int, attention: str) -> bool:
     """Whether decoding at this capacity can reach the sparse path (so the compressed keys must be kept)."""
-    if attention == "dense" or cfg.sparse_config is None:
-        return False
-    return attention == "sparse" or cfg.sparse_config.use_sparse(capacity)
+    return plan_attention(cfg, attention, capacity).sparse
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, attention: str = "auto", dtype=None) -> KVCache:
@@ -47,7 +47,6 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, attention: str = "au
         if cfg.sparse_config.use_nope:
             raise ValueError("cached decoding with sparse_config.use_nope=true would need a pre-RoPE key cache, "
                              "which is not implemented; use use_nope=false (MiniCPM4's setting) for decoding")
-        from minicpm_jax import sparse as sp
         one = sp.init_compressed_cache(batch, capacity, cfg.num_key_value_heads, cfg.head_dim, cfg.sparse_config,
                                        dtype)
         sparse = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_hidden_layers,) + x.shape), one)

@@ -15,20 +15,22 @@ loop, so both settings share one parameter layout. Caches are explicit pytrees p
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from minicpm_jax import sparse as sp
 from minicpm_jax.attention import dense_attention
+from minicpm_jax.attention_plan import check_mode, plan_attention
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.kv_cache import needs_sparse_cache, write_rows
+from minicpm_jax.kv_cache import write_rows
 from minicpm_jax.layers import MLP, Projection, RMSNorm, dtype_of, hidden_init_std
 from minicpm_jax.rope import apply_rope, rope_cos_sin
+from minicpm_jax.sharding import LOGICAL_RULES, logical_shardings
 
-ATTENTION_MODES = ("auto", "dense", "sparse")
 CACHE_MODES = ("none", "prefill", "decode")
 
 _REMAT = {
@@ -76,7 +78,6 @@ class Attention(nn.Module):
             if self.cache_mode == "prefill":       # cache was empty: attend over the fresh keys only (T, not S)
                 out = self._attend_fresh(q, k, v, q_nope, k_nope, q_slot, None, valid_lengths)
                 if sc is not None:
-                    from minicpm_jax import sparse as sp
                     sc = sp.compressed_cache_from_keys(kc, valid_lengths, cfg.sparse_config, kc.shape[1])
             else:
                 out, sc = self._attend_cache(q, kc, vc, q_slot, sc, valid_lengths)
@@ -85,27 +86,20 @@ class Attention(nn.Module):
         o = Projection(cfg, (hq, d), (h,), ("heads", "head_dim"), ("embed",), std, name="o_proj")(out)
         return o, new_cache
 
-    def _sparse_cfg_or_fail(self):
-        if self.cfg.sparse_config is None:
-            raise ValueError("attention='sparse' needs ModelConfig.sparse_config (InfLLM v2 settings); it is None")
-        return self.cfg.sparse_config
-
     def _attend_fresh(self, q, k, v, q_nope, k_nope, q_slot, segment_ids, valid_lengths):
         """Prefill / training: queries are all positions of the fresh keys."""
         cfg = self.cfg
         dense = functools.partial(dense_attention, q, k, v, q_slot, segment_ids, segment_ids,
                                   chunk_size=cfg.attention_chunk_size)
-        if self.attention == "dense" or (self.attention == "auto" and cfg.sparse_config is None):
+        plan = plan_attention(cfg, self.attention, k.shape[1])
+        if not plan.sparse:
             return dense()
-        scfg = self._sparse_cfg_or_fail()
-        if self.attention == "auto" and not scfg.use_sparse(k.shape[1]):
-            return dense()                          # static length below dense_len: never sparse
-        from minicpm_jax import sparse as sp
+        scfg = cfg.sparse_config
         score = dict(q_score=q_nope, k_score=k_nope) if scfg.use_nope else {}
 
         def sparse():
-            return sp.infllm_v2_attention(q, k, v, scfg, impl=cfg.sparse_impl, segment_ids=segment_ids, **score)
-        if self.attention == "sparse" or valid_lengths is None or scfg.always_sparse:
+            return sp.infllm_v2_attention(q, k, v, scfg, impl=plan.impl, segment_ids=segment_ids, **score)
+        if not plan.per_row or valid_lengths is None:
             return sparse()
         return _select_rows(valid_lengths >= scfg.dense_len, dense, sparse)   # HF decides per sequence
 
@@ -120,7 +114,6 @@ class Attention(nn.Module):
             return dense(), sc
         if q.shape[1] != 1:
             raise ValueError(f"sparse decode takes one new token per step, got {q.shape[1]}")
-        from minicpm_jax import sparse as sp
         scfg = cfg.sparse_config
         sc = sp.update_compressed_cache(sc, kc, valid_lengths, scfg)
 
@@ -214,19 +207,6 @@ def head_logits(cfg: ModelConfig, embedding, lm_head, h):
     return nn.with_logical_constraint(out, ("batch", "seq", "vocab"))
 
 
-def _check_attention(attention: str):
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-
-
-def uses_sparse(cfg: ModelConfig, attention: str, kv_len: int) -> bool:
-    """Whether a full-sequence pass over kv_len tokens takes the InfLLM v2 path (static decision)."""
-    _check_attention(attention)
-    if attention == "sparse" and cfg.sparse_config is None:
-        raise ValueError("attention='sparse' needs ModelConfig.sparse_config (InfLLM v2 settings); it is None")
-    return needs_sparse_cache(cfg, kv_len, attention)
-
-
 def default_positions(input_ids: jnp.ndarray) -> jnp.ndarray:
     b, t = input_ids.shape
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -248,7 +228,7 @@ def forward(params, cfg: ModelConfig, input_ids: jnp.ndarray, positions: Optiona
     Returns:
       float32 logits [B, T, vocab_size] (or the hidden state [B, T, hidden_size] in the compute dtype).
     """
-    _check_attention(attention)
+    check_mode(attention)
     if positions is None:
         positions = default_positions(input_ids)
     q_slot = default_positions(input_ids)
@@ -296,6 +276,5 @@ def init_params(cfg: ModelConfig, rng: jax.Array, mesh=None, rules=None):
     unboxed = lambda r: nn.unbox(init(r))
     if mesh is None:
         return jax.jit(unboxed)(rng)
-    from minicpm_jax.sharding import LOGICAL_RULES, logical_shardings
     shardings = logical_shardings(abstract_params(cfg), param_logical_axes(cfg), mesh, rules or LOGICAL_RULES)
     return jax.jit(unboxed, out_shardings=shardings)(rng)

@@ -114,3 +114,8 @@ def with_logical_constraint(x, logical_axes: Sequence[str | None]):
 def axis_rules():
     """Context manager that installs LOGICAL_RULES for Flax's logical partitioning helpers."""
     return nn.logical_axis_rules(LOGICAL_RULES)
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs of `abstract` carrying `shardings` (restore / lowering targets; no memory allocated)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel   # builds the package (tests build a wheel)
 
 # llama-cpp-python ships no wheels: build only the library (≈5 min on 2 cores), once per set of flags. Not
 # GGML_NATIVE: -march=native also compiles AMX kernels, which die with SIGILL on VMs that do not enable AMX tiles,

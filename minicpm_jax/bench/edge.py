@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+import minicpm_jax as mc
+from minicpm_jax.export import llamacpp
+from minicpm_jax.export.gguf import to_gguf
 
 PRESETS = ("0.5b", "tiny", "8b")
 
@@ -32,10 +38,6 @@ class EdgeRow:
 
 
 def _model(preset: str, seed: int):
-    import jax
-
-    import minicpm_jax as mc
-
     cfg = mc.ModelConfig.from_preset("minicpm4_0_5b" if preset == "0.5b" else
                                      "minicpm4_8b" if preset == "8b" else "tiny", sparse_config=None)
     return cfg, mc.init_params(cfg, jax.random.key(seed))
@@ -43,8 +45,6 @@ def _model(preset: str, seed: int):
 
 def llamacpp_speed(path: Path, prompt: Sequence[int], decode: Sequence[int], n_threads: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of llama.cpp on `path`; one warm-up pass first."""
-    from minicpm_jax.export import llamacpp
-
     n_ctx = len(prompt) + len(decode) + 8
     llm = llamacpp.open_model(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False, f32_kv=False)
     llm.reset()
@@ -63,11 +63,6 @@ def llamacpp_speed(path: Path, prompt: Sequence[int], decode: Sequence[int], n_t
 
 def jax_decode_speed(cfg, params, prompt: Sequence[int], decode: Sequence[int]) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of the JAX model on CPU: jitted prefill, then jitted decode steps."""
-    import jax
-    import jax.numpy as jnp
-
-    import minicpm_jax as mc
-
     cap = -(-(len(prompt) + len(decode) + 1) // 16) * 16
     toks = jnp.asarray([list(prompt)], jnp.int32)
     lengths = jnp.asarray([len(prompt)], jnp.int32)
@@ -92,11 +87,6 @@ def run_edge_bench(preset: str = "0.5b", qtypes: Sequence[str] = ("f16", "q8_0",
                    n_threads: Sequence[int] = (2,), prompt_len: int = 128, decode_tokens: int = 64,
                    out_dir: Optional[str] = None, seed: int = 0) -> str:
     """Run the benchmark and return the printed table (one row per qtype and llama.cpp thread count)."""
-    import jax
-
-    from minicpm_jax.export import llamacpp
-    from minicpm_jax.export.gguf import to_gguf
-
     cfg, params = _model(preset, seed)
     rng = np.random.default_rng(seed)
     prompt = rng.integers(3, cfg.vocab_size, prompt_len).tolist()
@@ -132,22 +122,3 @@ def run_edge_bench(preset: str = "0.5b", qtypes: Sequence[str] = ("f16", "q8_0",
         lines.append(f"| {r.qtype:6} | {r.file_mib:8.1f} | {r.export_s:8.1f} | {r.threads:7d} | {r.prefill_tps:23.1f} | "
                      f"{r.decode_tps:22.2f} | {jax_dec:20.2f} | {r.decode_tps / jax_dec:21.1f}x |")
     return "\n".join(lines)
-
-
-def main_from_args(args) -> int:
-    qts = [q.strip() for q in args.qtypes.split(",") if q.strip()]
-    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
-    print(run_edge_bench(args.preset, qts, threads, args.prompt_len, args.decode_tokens, args.out_dir,
-                         args.seed), flush=True)
-    return 0
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--preset", choices=PRESETS, default="0.5b", help="model shape (random weights); default 0.5b")
-    p.add_argument("--qtypes", default="f16,q8_0,q4_0", help="comma-separated GGUF qtypes (default f16,q8_0,q4_0)")
-    p.add_argument("--threads", default="2", help="llama.cpp thread counts, comma-separated (default 2)")
-    p.add_argument("--prompt-len", type=int, default=128, help="prefill length in tokens (default 128)")
-    p.add_argument("--decode-tokens", type=int, default=64, help="decode steps measured (default 64)")
-    p.add_argument("--out-dir", default=None, help="keep the GGUF files here (default: a temporary directory)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=main_from_args)

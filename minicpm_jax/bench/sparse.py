@@ -1,7 +1,6 @@
 """InfLLM v2 sparse vs dense attention on this machine (CPU by default): decode steps and prefill, per layer.
 
-Run:  python experiments/bench/bench_sparse.py [--quick] [--decode-lens 32768 131072] [--prefill-len 32768]
-      (or `minicpm bench sparse` once the CLI registers `register_bench`).
+Run:  minicpm bench sparse [--quick] [--decode-lens 32768 131072] [--prefill-len 32768]
 
 Prints, side by side in one run:
   * the machine's measured peak read bandwidth (a large reduction) and fp32 matmul rate;
@@ -18,22 +17,19 @@ Goals (issue #3): decode within 1.5x of the byte floor and <= 0.2 at 128K; prefi
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
-import sys
 import time
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-
-from minicpm_jax.sparse import (SparseConfig, compressed_cache_from_keys, infllm_v2_attention,  # noqa: E402
-                                infllm_v2_decode, update_compressed_cache)
-from minicpm_jax.sparse.select import attended_pairs, select_block_lists  # noqa: E402
+from minicpm_jax.sparse import (SparseConfig, compressed_cache_from_keys, infllm_v2_attention, infllm_v2_decode,
+                                update_compressed_cache)
+from minicpm_jax.sparse.select import attended_pairs, select_block_lists
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -227,18 +223,26 @@ def bench_prefill(t_len: int, cfg: SparseConfig, peaks: dict, hq=16, hkv=1, d=12
 
 
 # ----------------------------------------------------------------------------------------------- main
-def run(args) -> None:
+def run(*, quick: bool = False, decode_lens: Optional[Sequence[int]] = None, prefill_len: Optional[int] = None,
+        chunk: int = 64) -> None:
+    """Print the measured peaks, the decode table (per cache length) and the prefill comparison.
+
+    Defaults: decode at 32K and 128K, prefill at 32K (quick: 8K/32K and 8K). prefill_len 0 skips the prefill."""
+    if decode_lens is None:
+        decode_lens = [8192, 32768] if quick else [32768, 131072]
+    if prefill_len is None:
+        prefill_len = 8192 if quick else 32768
     cfg = SparseConfig(dense_len=-1)
     print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs); InfLLM v2 {cfg.block_size}/"
           f"{cfg.kernel_size}/{cfg.kernel_stride}, topk {cfg.topk} (init incl.), window {cfg.window_size}, fp32")
-    peaks = machine_peaks(args.quick)
+    peaks = machine_peaks(quick)
     print(f"measured peaks: read bandwidth {peaks['bw_gbs']:.1f} GB/s, fp32 matmul {peaks['gflops']:.0f} GFLOP/s\n")
-    if args.decode_lens:
+    if decode_lens:
         print("decode step, per layer (B=1, 32 q heads, 2 KV heads, D=128); sparse = cache update + select + attend")
         hdr = f"{'cache':>7} {'dense':>16} {'sparse':>9} {'ratio':>6} {'bytes':>6} {'/floor':>6} {'dense BW':>8} " \
               f"{'sparse BW':>9} {'cores d/s':>9}"
         print(hdr)
-        for s_len in args.decode_lens:
+        for s_len in decode_lens:
             r = bench_decode(s_len, cfg, peaks)
             print(f"{s_len // 1024:>6}K {r['t_dense'] * 1e3:>7.2f} ms {r['dense_name']:>6} "
                   f"{r['t_sparse'] * 1e3:>6.2f} ms {r['ratio']:>6.3f} {r['byte_ratio']:>6.3f} "
@@ -248,42 +252,10 @@ def run(args) -> None:
             print(f"{'':>8}(dense baselines: {others})")
         print("  ratio = sparse/dense time; bytes = sparse/dense bytes read (the floor); /floor = ratio/bytes;")
         print("  cores d/s = CPU seconds per wall second, dense/sparse (XLA:CPU threads only large ops)\n")
-    if args.prefill_len:
-        r = bench_prefill(args.prefill_len, cfg, peaks, chunk=args.chunk)
-        print(f"prefill forward, T={args.prefill_len}, {r['hq']} q heads / {r['hkv']} KV head, D=128")
+    if prefill_len:
+        r = bench_prefill(prefill_len, cfg, peaks, chunk=chunk)
+        print(f"prefill forward, T={prefill_len}, {r['hq']} q heads / {r['hkv']} KV head, D=128")
         print(f"  dense flash-XLA {r['t_dense']:.2f} s   sparse XLA {r['t_sparse']:.2f} s   ratio {r['ratio']:.3f} "
               f"(useful-FLOP ratio {r['flop_ratio']:.3f})")
         print(f"  achieved fraction of measured matmul rate: dense {r['dense_fl']:.0%}, sparse {r['sparse_fl']:.0%}; "
               f"cores busy: dense {r['dense_cores']:.1f}, sparse {r['sparse_cores']:.1f}")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="smaller sizes: 8K/32K decode, 8K prefill")
-    p.add_argument("--decode-lens", type=int, nargs="*", default=None)
-    p.add_argument("--prefill-len", type=int, default=None)
-    p.add_argument("--chunk", type=int, default=64, help="queries per step of the sparse XLA path's window part")
-
-
-def _defaults(args):
-    if args.decode_lens is None:
-        args.decode_lens = [8192, 32768] if args.quick else [32768, 131072]
-    if args.prefill_len is None:
-        args.prefill_len = 8192 if args.quick else 32768
-    return args
-
-
-def register_bench(subparsers) -> None:
-    """Adds `sparse` to a `minicpm bench` sub-command parser."""
-    p = subparsers.add_parser("sparse", help="InfLLM v2 sparse vs dense attention (decode 32K/128K, prefill 32K)")
-    add_arguments(p)
-    p.set_defaults(func=lambda a: run(_defaults(a)))
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    run(_defaults(p.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    main()

@@ -19,15 +19,18 @@ import shutil
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
+from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.model import abstract_params, param_logical_axes
+from minicpm_jax.sharding import LOGICAL_RULES, logical_shardings
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -214,10 +217,8 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, *, mesh=None, rules=None
         read = lambda n: handles[weight_map[n]].get_tensor(n)
         _check_names_and_shapes(cfg, shapes, str(path), read)
 
-        from minicpm_jax.model import abstract_params, param_logical_axes
         abstract = abstract_params(cfg)
         if mesh is not None:
-            from minicpm_jax.sharding import LOGICAL_RULES, logical_shardings
             shardings = logical_shardings(abstract, param_logical_axes(cfg), mesh, rules or LOGICAL_RULES)
         else:
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -339,6 +340,5 @@ def _set(tree, path, value):
 
 def to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))

@@ -36,7 +36,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.export import gguf_tokenizer, qtypes
+from minicpm_jax.export import gguf_tokenizer, llamacpp, qtypes
 from minicpm_jax.export.files import atomic_output
 from minicpm_jax.export.weights import (ROPE_FACTOR_NAMES, ExportTensor, detect_ternary_group, export_tensors,
                                         gguf_array, ternary_group)
@@ -228,8 +228,6 @@ def _check_special_ids(cfg: ModelConfig, vocab: gguf_tokenizer.GGUFVocab) -> Non
 
 def _via_llamacpp(path: Path, cfg: ModelConfig, params, tokenizer, qtype: str, **kw) -> GGUFExport:
     """K-quants: gguf-py cannot write them, so export F32 and run llama.cpp's quantizer (its own tensor recipe)."""
-    from minicpm_jax.export import llamacpp
-
     n_threads = kw.pop("n_threads")
     f32_tmp = path.with_name(f".{path.name}.f32-{os.getpid()}")      # never left behind
     try:

@@ -17,6 +17,7 @@ import numpy as np
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.convert.hf import hf_tensors_to_params
 from minicpm_jax.export.weights import export_tensors, hf_array, qk_heads, unpermute_qk
+from minicpm_jax.model import forward
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]:
@@ -86,8 +87,6 @@ def ternary_export_error(cfg: ModelConfig, params, gguf_path: str | os.PathLike,
         worst = max(worst, rel)
     out = {"weights": per, "max_weight_rel_err": worst}
     if input_ids is not None:
-        from minicpm_jax.model import forward
-
         ids = jnp.asarray(input_ids, jnp.int32)
         ref_cfg, ref_params = reference_model(gguf_path, cfg, filed)
         qat = np.asarray(forward(params, cfg, ids))

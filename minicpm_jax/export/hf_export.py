@@ -5,7 +5,7 @@
 Contents: `config.json` (`architectures: ["MiniCPMForCausalLM"]`, `model_type: "minicpm"`, the HF field names, and an
 `auto_map` to `configuration_minicpm.MiniCPMConfig` / `modeling_minicpm.MiniCPMForCausalLM` as OpenBMB's checkpoints
 have), `generation_config.json`, `model.safetensors` (sharded with an index above 5 GB), and the tokenizer files
-(`tokenizer.model`, `tokenizer.json`, `tokenizer_config.json` with the ChatML `chat_template`,
+(`tokenizer.model`, `tokenizer.json`, `tokenizer_config.json` with the tokenizer's `chat_template` when it has one,
 `special_tokens_map.json`).
 
 Who loads it:

@@ -14,7 +14,9 @@ no REPACK: correct, somewhat slower quantized matmuls). `MINICPM_LLAMACPP_EXTRA_
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -23,7 +25,10 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
+import gguf
 import numpy as np
+
+from minicpm_jax.export.qtypes import FILE_TYPE, LLAMACPP_QTYPES
 
 GGML_TYPE_F32 = 0
 EXTRA_BUFTS_ENV = "MINICPM_LLAMACPP_EXTRA_BUFTS"
@@ -37,7 +42,7 @@ def open_model(path: str | os.PathLike, *, n_ctx: int = 256, n_threads: int = 1,
     extra_buffers: llama.cpp's extra weight buffer types (AMX, REPACK); None = on unless `extra_buffers_work()`
     finds they crash on this machine.
     """
-    import llama_cpp
+    import llama_cpp   # ~1 s to import: only when llama.cpp runs
 
     if extra_buffers is None:
         extra_buffers = extra_buffers_work()
@@ -51,7 +56,7 @@ def open_model(path: str | os.PathLike, *, n_ctx: int = 256, n_threads: int = 1,
 def _model_params(use_extra_bufts: bool):
     """llama-cpp-python 0.3.36 does not expose `use_extra_bufts`; its Llama() starts from
     `llama_model_default_params()`, so that function is wrapped for the duration of one constructor call."""
-    import llama_cpp.llama_cpp as C
+    import llama_cpp.llama_cpp as C   # ~1 s to import: only when llama.cpp runs
 
     if use_extra_bufts:
         yield
@@ -86,7 +91,6 @@ def extra_buffers_work() -> bool:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         r = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, env=env, timeout=300)
     if r.returncode != 0:
-        import logging
 
         logging.getLogger("minicpm_jax.export").warning(
             "llama.cpp's extra buffer types (AMX/REPACK) crash on this machine (probe exit code %d%s); loading "
@@ -97,7 +101,6 @@ def extra_buffers_work() -> bool:
 
 def _write_probe_model(path: Path) -> None:
     """A 1-layer, 256-wide random minicpm GGUF with Q8_0 matrices (llama.cpp's AMX kernels take Q8_0)."""
-    import gguf
 
     rng = np.random.default_rng(0)
     h, f, v = 256, 512, 256
@@ -151,9 +154,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, n_threa
     falls back for rows that are not a multiple of 256 (e.g. Q4_K -> Q5_0, Q6_K -> Q8_0). Its log is captured; the
     fallback lines are returned (and logged as warnings).
     """
-    import llama_cpp
+    import llama_cpp   # ~1 s to import: only when llama.cpp runs
 
-    from minicpm_jax.export.qtypes import FILE_TYPE, LLAMACPP_QTYPES
 
     if qtype not in LLAMACPP_QTYPES:
         raise ValueError(f"llama.cpp quantization type {qtype!r} is not one of {LLAMACPP_QTYPES}")
@@ -166,7 +168,6 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, n_threa
     if rc != 0 or not Path(dst).exists():
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {qtype}) failed with code {rc}:\n"
                            + "\n".join(text.splitlines()[-20:]))
-    import logging
 
     fallbacks = [" ".join(line.replace("warning:", "").split()) for line in text.splitlines()
                  if "falling back" in line]
@@ -179,10 +180,9 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, n_threa
 def _llama_log():
     """Collect llama.cpp's log lines (instead of llama-cpp-python's stderr printer) for the block: yields the list
     that receives them."""
-    import ctypes
 
-    import llama_cpp
-    import llama_cpp._logger as default_logger
+    import llama_cpp   # ~1 s to import: only when llama.cpp runs
+    import llama_cpp._logger as default_logger   # ~1 s to import: only when llama.cpp runs
 
     lines: list[str] = []
 
@@ -200,7 +200,7 @@ def _llama_log():
 def generate_text(path: str | os.PathLike, *, prompt: Optional[str], prompt_ids: Optional[Sequence[int]],
                   max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int, chat: bool,
                   n_ctx: int = 4096, n_threads: Optional[int] = None) -> str:
-    """Generate text from a GGUF with the file's own tokenizer and chat template (see cli.generate_with_gguf)."""
+    """Generate text from a GGUF with the file's own tokenizer and chat template (`minicpm generate --gguf`)."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
     llm = open_model(path, n_ctx=n_ctx, n_threads=n_threads or max(1, os.cpu_count() or 1), logits_all=False,

@@ -66,7 +66,7 @@ def _decode_jit(q, qs, k_cache, v_cache, lengths, ccache, cfg, impl, opts):
     lists = decode_block_lists(qs, k_cache, lengths, ccache, cfg)
     if impl == "xla":
         return sparse_attention_xla(q, k_cache, v_cache, lists, t, cfg)
-    from minicpm_jax.sparse.pallas import sparse_decode_pallas
+    from minicpm_jax.sparse.pallas import sparse_decode_pallas   # loads the Pallas GPU/TPU kernels only when used
 
     return sparse_decode_pallas(q, k_cache, v_cache, lists, t, cfg, interpret=o["interpret"], backend=o["backend"],
                                 num_splits=o["num_splits"], mesh=o["mesh"], batch_axes=o["batch_axes"],

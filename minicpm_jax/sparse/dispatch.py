@@ -16,34 +16,13 @@ from typing import Optional
 
 import jax
 
+from minicpm_jax.attention_plan import check_one_document_per_row
 from minicpm_jax.sparse.config import SparseConfig
 from minicpm_jax.sparse.reference import infllm_v2_reference, select_blocks_reference
 from minicpm_jax.sparse.select import query_positions, select_block_lists, select_blocks_xla, validate_shapes
 from minicpm_jax.sparse.xla import sparse_attention_xla
 
 IMPLS = ("reference", "xla", "pallas")
-
-
-def check_segment_ids(segment_ids) -> None:
-    """Packed rows are rejected: sparse attention needs one document per row.
-
-    Block and kernel boundaries, the init block and the window are all defined from position 0 of a sequence; in a
-    packed row they would straddle documents, and the MiniCPM4 kernels never define that case (their varlen API
-    restarts the block grid per sequence). Concrete all-equal segment ids per row are accepted (one document).
-    """
-    if segment_ids is None:
-        return
-    if isinstance(segment_ids, jax.core.Tracer):
-        raise ValueError(
-            "InfLLM v2 sparse attention needs one document per row: pass segment_ids=None (packed sequences are "
-            "not supported on the sparse path; train long-context sparse batches unpacked, or use dense attention)")
-    import numpy as np
-
-    seg = np.asarray(segment_ids)
-    if seg.ndim != 2 or not (seg == seg[:, :1]).all():
-        raise ValueError(
-            "InfLLM v2 sparse attention needs one document per row, but segment_ids mark several documents in a "
-            "row; unpack the batch (one sequence per row) or use dense attention")
 
 
 def select_blocks(q: jax.Array, k: jax.Array, cfg: SparseConfig, *, q_offset=None, impl: str = "xla",
@@ -72,7 +51,7 @@ def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseCon
     q: [B,Tq,Hq,D] post-RoPE; k, v: [B,Tk,Hkv,D]; queries are the last Tq positions (or start at q_offset).
     Softmax scale 1/sqrt(D); output [B,Tq,Hq,D] in q.dtype, fp32 accumulation. Any group size Hq/Hkv.
     q_score/k_score: tensors used for block scoring (pre-RoPE when cfg.use_nope); default q/k.
-    segment_ids: must be None (or one document per row), see `check_segment_ids`.
+    segment_ids: must be None (or one document per row), see `attention_plan.check_one_document_per_row`.
     chunk, tile, span: XLA path tiling (see sparse_attention_xla): queries per step of the init+window part,
     (query, block) pairs per top-k step, queries whose top-k sums share one buffer.
     Pallas only: interpret (default: True off GPU/TPU), pallas_backend ("triton" | "mosaic_tpu"), and
@@ -81,7 +60,7 @@ def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseCon
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     validate_shapes(q, k, v)
-    check_segment_ids(segment_ids)
+    check_one_document_per_row(segment_ids)
     qs = q if q_score is None else q_score
     ks = k if k_score is None else k_score
     if impl == "reference":
@@ -99,7 +78,7 @@ def _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts):
     lists = select_block_lists(qs, ks, cfg, q_offset=q_offset, chunk=o["select_chunk"])
     if impl == "xla":
         return sparse_attention_xla(q, k, v, lists, t, cfg, chunk=o["chunk"], tile=o["tile"], span=o["span"])
-    from minicpm_jax.sparse.pallas import sparse_attention_pallas
+    from minicpm_jax.sparse.pallas import sparse_attention_pallas   # loads the Pallas GPU/TPU kernels only when used
 
     return sparse_attention_pallas(q, k, v, lists, t, cfg, interpret=o["interpret"], backend=o["backend"],
                                    mesh=o["mesh"], batch_axes=o["batch_axes"], head_axes=o["head_axes"])

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from minicpm_jax.sparse.compress import coarse_sizes, compress_keys, num_kernels
 from minicpm_jax.sparse.config import SparseConfig
@@ -262,7 +263,6 @@ def _select_staged(q, kc, kc2, off: int, cfg: SparseConfig, nb: int, chunk: int,
 def attended_pairs(lists: BlockLists, block_size: int) -> int:
     """(query, key) pairs the lists attend, summed over rows and KV groups, for queries at positions 0 .. Tq-1
     (FLOP accounting in the benchmarks; counts a partial own block only up to the query)."""
-    import numpy as np
     idx, cnt = np.asarray(lists.idx, np.int64), np.asarray(lists.count)
     pos = np.arange(idx.shape[2])[None, None, :, None]
     ok = np.arange(idx.shape[-1]) < cnt[..., None]

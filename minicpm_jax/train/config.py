@@ -3,19 +3,26 @@
     minicpm train --config experiments/configs/tiny.yaml optim.peak_lr=5e-3 model.num_hidden_layers=2
 
 OmegaConf merges the defaults, the YAML and the `key=value` overrides and type-checks them (an unknown key or a value
-of the wrong type fails with its full dotted name). The `model` section is a preset name plus HF-named overrides
-(validated by `ModelConfig`); the `data` section is `data_pipeline.config.DataConfig` (validated there).
+of the wrong type fails with its full dotted name); each section's dataclass then checks its values. The `model`
+section is `minicpm_jax.model_spec.ModelSection` (a preset or checkpoint config, HF-named overrides, the attention
+mode), the `data` section is `data_pipeline.config.DataConfig`. Shipped configs (`minicpm_jax/configs/*.yaml`) can be
+named without a path: `--config minicpm4_8b`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig
+from minicpm_jax.config import ModelConfig
+from minicpm_jax.model_spec import ModelSection
 
 DECAY_SHAPES = ("linear", "cosine", "exponential")
 
@@ -99,9 +106,8 @@ class TrainLoopConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
-    log_every: int = 1
+    log_every: int = 1                # metrics every N steps (and a plain progress line when not on a terminal)
     loss_chunk_size: int = 2048       # tokens per chunk of the cross-entropy (bounds the [tokens, vocab] logits)
-    attention: str = "auto"           # auto | dense | sparse
     resume: bool = True               # continue from the latest checkpoint in output_dir if there is one
     init_from: Optional[str] = None   # start from these weights (HF dir or a run dir) with a fresh optimizer + schedule
     init_from_step: Optional[int] = None  # which checkpoint of a run dir (default: latest)
@@ -109,13 +115,15 @@ class TrainLoopConfig:
     sample_prompts: tuple[str, ...] = ("The history of", "中国的")
     sample_tokens: int = 48
     sample_chat: bool = False          # wrap sample prompts in the ChatML template (SFT runs)
+    sample_temperature: float = 0.8    # end-of-run samples; 0 = greedy (greedy text of a small model repeats itself)
+    sample_top_p: float = 0.9
 
     def __post_init__(self):
         for f in ("steps", "micro_batches", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
                   "log_every", "loss_chunk_size"):
             _need(getattr(self, f) >= 1, f"train.{f}", f"must be >= 1, got {getattr(self, f)}")
-        _need(self.attention in ("auto", "dense", "sparse"), "train.attention",
-              f"must be auto, dense or sparse, got {self.attention!r}")
+        _need(self.sample_temperature >= 0, "train.sample_temperature", f"must be >= 0, got {self.sample_temperature}")
+        _need(0 < self.sample_top_p <= 1, "train.sample_top_p", f"must be in (0, 1], got {self.sample_top_p}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +138,8 @@ class ExperimentConfig:
     output_dir: str = "runs/${name}"
     data_dir: str = "runs/data"          # prepared corpus, tokenizer, classifier (cached, shared between runs)
     seed: int = 0
-    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
@@ -142,31 +150,20 @@ class ExperimentConfig:
         _need(self.optim.warmup_steps + self.optim.decay_steps <= self.train.steps, "optim",
               f"warmup_steps ({self.optim.warmup_steps}) + decay_steps ({self.optim.decay_steps}) exceed "
               f"train.steps ({self.train.steps})")
+        object.__setattr__(self, "_model_config", self.model.build())   # validated at load, built once
 
-    # -------------------------------------------------------------- derived configs
-    def model_config(self):
-        """The ModelConfig: `model.preset` (or `model.hf_config`, a checkpoint dir) plus the remaining overrides."""
-        from minicpm_jax.config import ModelConfig
-        from minicpm_jax.convert.hf import read_config
-        m = dict(self.model)
-        preset, hf_dir = m.pop("preset", None), m.pop("hf_config", None)
-        if hf_dir:
-            base = read_config(hf_dir)
-            return base.replace(**m) if m else base
-        try:
-            return ModelConfig.from_preset(preset or "tiny", **m)
-        except TypeError as e:
-            raise ValueError(f"model: {e}") from None
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig the model section describes (built and validated when the config was loaded)."""
+        return self._model_config
 
-    def data_config(self):
-        from data_pipeline.config import DataConfig
-        try:
-            return DataConfig.from_dict(dict(self.data))
-        except OmegaConfBaseException as e:
-            raise ValueError(f"data.{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
+    def to_dict(self) -> dict:
+        """Plain data (the model section as set, not every None field)."""
+        d = json_ready(dataclasses.asdict(self))
+        d["model"] = json_ready(self.model.to_dict())
+        return d
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(json_ready(dataclasses.asdict(self)), sort_keys=False, allow_unicode=True)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 def json_ready(x):
@@ -177,21 +174,82 @@ def json_ready(x):
     return x
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Defaults <- YAML file <- `key=value` overrides, validated into an ExperimentConfig."""
+# Keys that moved: old name -> new name. A user config that uses an old key is refused with the new name; a run's own
+# recorded config.yaml (written before the move) is read with the key migrated.
+MOVED_KEYS = {"train.attention": "model.attention"}
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Experiment configs that ship inside the package: {name: path} (e.g. "tiny", "minicpm4_8b", "data/sft")."""
+    root = Path(str(resources.files("minicpm_jax") / "configs"))
+    return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def default_config_path() -> Path:
+    """The main job's config (the tiny CPU run), from the installed package."""
+    return shipped_configs()["tiny"]
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML path, or the name of a shipped config (`tiny`, `minicpm4_8b`, `data/sft`)."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_file():
+            raise ValueError(f"experiment config {p} is a directory, not a YAML file")
+        return p
+    shipped = shipped_configs()
+    if str(path) in shipped:
+        return shipped[str(path)]
+    raise FileNotFoundError(f"experiment config {p} does not exist (shipped configs: {', '.join(shipped)})")
+
+
+def _moved(tree: dict, overrides: Sequence[str], where: str, migrate: bool) -> tuple[dict, list[str]]:
+    """Apply MOVED_KEYS: refuse (naming the new key) or, for a run's recorded config, migrate."""
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key in MOVED_KEYS:
+            if not migrate:
+                raise ValueError(f"{key} has moved to {MOVED_KEYS[key]}: write {MOVED_KEYS[key]}={o.split('=', 1)[1]}")
+            o = f"{MOVED_KEYS[key]}={o.split('=', 1)[1]}"
+        out.append(o)
+    for old, new in MOVED_KEYS.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        sec = tree.get(osec)
+        if isinstance(sec, dict) and okey in sec:
+            if not migrate:
+                raise ValueError(f"experiment config{where}: {old} has moved to {new} (the attention mode lives "
+                                 f"with the other attention settings); write `{nsec}: {{{nkey}: {sec[okey]}}}`")
+            tree.setdefault(nsec, {}).setdefault(nkey, sec.pop(okey))
+    return tree, out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), *,
+                recorded: bool = False) -> ExperimentConfig:
+    """Defaults <- YAML file <- `key=value` overrides, validated into an ExperimentConfig.
+
+    recorded: the file is a run's own config.yaml (keys that moved since it was written are migrated, not refused).
+    """
+    where = ""
     try:
         merged = OmegaConf.structured(ExperimentConfig)
-        if path is not None:
-            path = Path(path)
-            if not path.exists():
-                raise FileNotFoundError(f"experiment config {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ValueError(f"overrides must look like key=value, got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        tree = {}
+        if path is not None:
+            path = resolve_config_path(path)
+            where = f" ({path})"
+            try:
+                tree = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"experiment config{where}: not valid YAML: {' '.join(str(e).split())}") from None
+            if not isinstance(tree, dict):
+                raise ValueError(f"experiment config{where}: expected a mapping of sections, got "
+                                 f"{type(tree).__name__}")
+        tree, overrides = _moved(tree, overrides, where, recorded)
+        merged = OmegaConf.merge(merged, OmegaConf.create(tree), OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        where = f" ({path})" if path else ""
         raise ValueError(f"experiment config{where}: {str(e).splitlines()[0]} "
                          f"[key: {getattr(e, 'full_key', '?')}]") from None

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.model import compute_logits, forward, uses_sparse
+from minicpm_jax.attention_plan import plan_attention
+from minicpm_jax.model import compute_logits, forward
 
 
 def target_mask(batch) -> jnp.ndarray:
@@ -50,24 +51,12 @@ def loss_sum_and_count(params, cfg: ModelConfig, batch, *, attention: str = "aut
 
     batch: dict with int32 [B, T] `input_ids`, `segment_ids`, `positions` and optionally `loss_mask`.
     On the sparse path rows must hold one document each (checked on the host by the trainer, see
-    `check_one_document_per_row`); the model then runs without segment ids (trailing padding is causal-invisible).
+    `attention_plan.check_one_document_per_row`); the model then runs without segment ids (trailing padding is
+    causal-invisible).
     """
-    sparse = uses_sparse(cfg, attention, batch["input_ids"].shape[1])
+    sparse = plan_attention(cfg, attention, batch["input_ids"].shape[1]).sparse
     hidden = forward(params, cfg, batch["input_ids"], batch["positions"], None if sparse else batch["segment_ids"],
                      attention=attention, return_hidden=True)
     mask = target_mask(batch)
     return chunked_cross_entropy(params, cfg, hidden[:, :-1], batch["input_ids"][:, 1:], mask,
                                  min(chunk, hidden.shape[1]))
-
-
-def check_one_document_per_row(segment_ids) -> None:
-    """Host-side check for sparse-attention batches: every row is one document (plus trailing padding)."""
-    import numpy as np
-    seg = np.asarray(segment_ids)
-    first = seg[:, :1]
-    ok = ((seg == first) | (seg == 0)) & (np.maximum.accumulate(seg == 0, axis=1) <= (seg == 0))
-    if not ok.all():
-        rows = np.nonzero(~ok.all(axis=1))[0][:5].tolist()
-        raise ValueError(f"InfLLM v2 sparse attention needs one document per row, but rows {rows} of the batch pack "
-                         "several documents; set data.pack=false for long-context sparse training "
-                         "(each row one document, split at seq_len), or use dense attention")

@@ -65,7 +65,7 @@ class MetricsWriter:
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter   # process 0 only; slow to import
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
     def write(self, step: int, split: str, values: dict):
@@ -93,9 +93,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def plot_losses(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
     """PNG of train and eval loss against step (later rows win when a resumed run repeated steps)."""
-    import matplotlib
+    import matplotlib   # heavy, and only for the plot
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # heavy, and only for the plot
 
     rows = read_metrics(run_dir)
     out = Path(out or Path(run_dir) / "loss.png")

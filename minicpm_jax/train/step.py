@@ -1,23 +1,33 @@
-"""The pure train and eval steps, and their jitted, sharded forms.
+"""The pure train and eval steps, their jitted sharded forms, and `build_step`: the one place they are assembled.
 
 `train_step(state, batch) -> (state, metrics)` is a pure function of its inputs. Gradient accumulation is a
 `lax.scan` over micro-batches inside the step; the loss is normalised by the number of target tokens of the whole
 step (not averaged per micro-batch), so k micro-batches give exactly the gradient of one big batch.
+
+`build_step(...)` -> `StepSetup`: mesh, attention plan, abstract params, optimizer and schedule, state and batch
+shardings, the jitted train and eval steps and the model FLOPs per token. Training, the dry run, `minicpm bench
+train` and `minicpm eval` all build their step here, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from minicpm_jax.attention_plan import AttentionPlan, plan_attention
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.sharding import logical_shardings, logical_to_spec
+from minicpm_jax.model import abstract_params, init_params, param_logical_axes
+from minicpm_jax.sharding import logical_shardings, logical_to_spec, with_shardings
+from minicpm_jax.train.config import OptimConfig
 from minicpm_jax.train.loss import loss_sum_and_count
+from minicpm_jax.train.metrics import train_flops_per_token
+from minicpm_jax.train.optimizer import make_optimizer
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
@@ -96,10 +106,6 @@ def abstract_state(abstract_params, tx) -> TrainState:
                       opt_state=jax.eval_shape(tx.init, abstract_params))
 
 
-def with_shardings(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def jit_train_step(train_step, mesh, st_shardings, batch_shape):
     bsh = batch_sharding(mesh, batch_shape)
     batch_sh = {k: bsh for k in BATCH_KEYS}
@@ -111,3 +117,70 @@ def jit_eval_step(eval_step, mesh, param_sh, batch_shape):
     bsh = batch_sharding(mesh, batch_shape)
     return jax.jit(eval_step, in_shardings=(param_sh, {k: bsh for k in BATCH_KEYS}),
                    out_shardings=NamedSharding(mesh, P()))
+
+
+def check_batch_layout(global_batch: int, micro: int, mesh: Mesh) -> None:
+    """The global batch splits into `micro` micro-batches, each over the mesh's batch shards (data x fsdp)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % micro:
+        raise ValueError(f"global batch {global_batch} (data.batch_size x processes) is not divisible by "
+                         f"train.micro_batches={micro}")
+    if (global_batch // micro) % shards:
+        raise ValueError(f"micro-batch of {global_batch // micro} rows does not split over the {shards} batch shards "
+                         f"(mesh data x fsdp); adjust data.batch_size, train.micro_batches or the mesh")
+
+
+@dataclasses.dataclass
+class StepSetup:
+    """Everything a step needs, built once by `build_step`. Jitted callables: train_step(state, batch) ->
+    (state, metrics); eval_step(params, batch) -> {"loss_sum", "target_tokens"}. Batches are dicts of int32
+    [global_batch, seq_len] arrays with the keys BATCH_KEYS."""
+
+    cfg: ModelConfig
+    mesh: Mesh
+    plan: AttentionPlan
+    batch_shape: tuple[int, int]
+    abstract_params: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    train_step: Callable
+    eval_step: Callable
+    flops_per_token: float
+
+    def abstract_state(self) -> TrainState:
+        """The train state as sharded ShapeDtypeStructs (restore target, dry-run input)."""
+        return with_shardings(abstract_state(self.abstract_params, self.tx), self.state_shardings)
+
+    def abstract_batch(self) -> dict:
+        return {k: jax.ShapeDtypeStruct(self.batch_shape, jnp.int32, sharding=self.batch_sharding)
+                for k in BATCH_KEYS}
+
+    def init_params(self, seed: int):
+        return init_params(self.cfg, jax.random.key(seed), mesh=self.mesh)
+
+    def init_state(self, params) -> TrainState:
+        """Step 0 with `params` (already placed with their shardings) and fresh optimizer moments."""
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        return TrainState(step=jax.device_put(jnp.int32(0), self.state_shardings.step), params=params,
+                          opt_state=opt_state)
+
+
+def build_step(cfg: ModelConfig, mesh: Mesh, batch_shape: tuple[int, int], *, attention: str = "auto",
+               optim: OptimConfig = OptimConfig(), total_steps: int = 1, micro_batches: int = 1,
+               loss_chunk: int = 2048) -> StepSetup:
+    """Assemble the sharded train and eval steps for `cfg` on `mesh` at `batch_shape` = (global batch, seq_len)."""
+    check_batch_layout(batch_shape[0], micro_batches, mesh)
+    plan = plan_attention(cfg, attention, batch_shape[1])
+    ap = abstract_params(cfg)
+    tx, schedule = make_optimizer(optim, cfg, ap, total_steps)
+    st_sh = state_shardings(mesh, ap, param_logical_axes(cfg), tx)
+    train = jit_train_step(make_train_step(cfg, tx, schedule, micro_batches=micro_batches, attention=attention,
+                                           loss_chunk=loss_chunk), mesh, st_sh, batch_shape)
+    evaluate = jit_eval_step(make_eval_step(cfg, attention=attention, loss_chunk=loss_chunk), mesh, st_sh.params,
+                             batch_shape)
+    return StepSetup(cfg=cfg, mesh=mesh, plan=plan, batch_shape=tuple(batch_shape), abstract_params=ap, tx=tx,
+                     schedule=schedule, state_shardings=st_sh, batch_sharding=batch_sharding(mesh, batch_shape),
+                     train_step=train, eval_step=evaluate,
+                     flops_per_token=train_flops_per_token(cfg, batch_shape[1], sparse=plan.sparse))

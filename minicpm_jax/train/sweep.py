@@ -99,9 +99,9 @@ def summary_table(spec: dict, points: list[dict], results: list[dict]) -> str:
 
 
 def plot_sweep(spec: dict, points: list[dict], out: Path) -> Path:
-    import matplotlib
+    import matplotlib   # heavy, and only for the plot
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # heavy, and only for the plot
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for p in points:
         rows = [r for r in read_metrics(p["output_dir"]) if r["split"] == "eval"]

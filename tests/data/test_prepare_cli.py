@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -71,7 +70,7 @@ def test_user_tokenizer_is_used_as_is(prepared, data_cfg, tmp_path):
 
 def run_cli(*args, cwd=REPO):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "data_pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "minicpm_jax.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -105,13 +104,9 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_register_adds_every_subcommand():
-    from data_pipeline.cli import register, register_bench
+    from minicpm_jax.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    bench = sub.add_parser("bench").add_subparsers(dest="bench")
-    register_bench(bench)
+    parser = build_parser()
     for cmd in ("build --out x", "train-tokenizer --corpus c --out x", "train-classifier --corpus c --out x",
                 "score in.jsonl --classifier c --out x", "stats p", "sft --tokenizer t --out x",
                 "prepare --workdir w"):

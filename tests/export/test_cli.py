@@ -1,28 +1,31 @@
 """`minicpm export`, `minicpm bench edge` and `generate --gguf` through their argparse entry points; checkpoint
 sources."""
 
-import argparse
-import sys
 
 import numpy as np
 import pytest
 
 import minicpm_jax as mc
+from minicpm_jax.cli import main as minicpm
 from minicpm_jax.export import llamacpp
-from minicpm_jax.export.cli import generate_with_gguf, register, register_bench
-from minicpm_jax.export.source import load_for_export
+from minicpm_jax.export.llamacpp import generate_text
+from minicpm_jax.weights import load_weights
 
 from .conftest import compare, jax_logits, llama_logits, make_cfg, make_params, prompt_ids
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="minicpm")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    bench = sub.add_parser("bench").add_subparsers(dest="bench", required=True)
-    register_bench(bench)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return minicpm(argv)
+
+
+def load_for_export(path):
+    w = load_weights(path)
+    return w.cfg, w.params, w.tokenizer
+
+
+def generate_with_gguf(path, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, chat):
+    return generate_text(path, prompt=prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +51,17 @@ def test_export_gguf_from_hf_dir(hf_checkpoint, tokenizer, tmp_path, capsys):
     assert llamacpp.tokenize(llm, "héllo 中文") == tokenizer.encode("héllo 中文")     # tokenizer came along
 
 
-def test_export_hf_from_hf_dir_and_flag_errors(hf_checkpoint, tmp_path):
+def test_export_hf_from_hf_dir_and_flag_errors(hf_checkpoint, tmp_path, capsys):
     d, cfg, params = hf_checkpoint
     out = tmp_path / "hf"
     assert _cli(["export", "--checkpoint", str(d), "--format", "hf", "--out", str(out), "--dtype", "float32"]) == 0
     cfg2, params2, tok2 = load_for_export(out)
     assert cfg2.to_hf_dict()["hidden_size"] == cfg.hidden_size and tok2 is not None
     np.testing.assert_array_equal(np.asarray(params2["lm_head"]), np.asarray(params["lm_head"]))
-    with pytest.raises(SystemExit, match="--qtype applies to --format gguf"):
-        _cli(["export", "--checkpoint", str(d), "--format", "hf", "--qtype", "q8_0", "--out", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert _cli(["export", "--checkpoint", str(d), "--format", "hf", "--qtype", "q8_0", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "--qtype applies to --format gguf" in capsys.readouterr().err
 
 
 def test_tokenizer_flag_for_checkpoints_without_one(tokenizer, tmp_path):
@@ -92,7 +97,7 @@ def test_missing_or_non_run_checkpoints_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_for_export(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a minicpm training run directory"):
+    with pytest.raises(FileNotFoundError, match="neither an HF checkpoint directory"):
         load_for_export(tmp_path / "empty")
 
 

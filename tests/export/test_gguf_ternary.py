@@ -84,11 +84,13 @@ def test_ternary_model_exports_its_ternary_values_at_every_qtype(tokenizer, tmp_
 def test_fake_quantized_checkpoint_is_recognised(tmp_path, group, expect):
     """A BitCPM-style HF checkpoint (ternary values, loaded with weight_quant='none'): TQ where lossless, Q8_0 for
     groups smaller than a TQ block, and no full-precision warning."""
-    from minicpm_jax.export import export_hf, load_for_export
+    from minicpm_jax.export import export_hf
+    from minicpm_jax.weights import load_weights
 
     cfg = make_cfg(weight_quant="ternary", quant_group_size=group)
     params = make_params(cfg, seed=13)
-    cfg2, params2, _ = load_for_export(export_hf(tmp_path / "hf", cfg, params, None))
+    w = load_weights(export_hf(tmp_path / "hf", cfg, params, None))
+    cfg2, params2 = w.cfg, w.params
     assert cfg2.weight_quant == "none"
     rep = to_gguf(tmp_path / "t.gguf", cfg2, params2, None, "tq2_0")
     assert rep.type_counts.get(expect) == 7 * cfg.num_hidden_layers

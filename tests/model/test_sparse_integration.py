@@ -96,7 +96,7 @@ def test_auto_decode_switches_per_row_at_dense_len(model):
 
 def test_packed_rows_are_rejected_on_the_sparse_path(model):
     cfg, params = model
-    from minicpm_jax.train.loss import check_one_document_per_row
+    from minicpm_jax.attention_plan import check_one_document_per_row
     seg = np.ones((2, 96), np.int32)
     check_one_document_per_row(seg)
     seg[1, 50:] = 2

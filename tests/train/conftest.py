@@ -35,7 +35,7 @@ def prepared_data_dir():
     with open(str(d) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         exp = load_config(REPO / "experiments/configs/tiny.yaml", DATA_OVERRIDES + [f"data_dir={d}"])
-        prepare_data(d, exp.data_config(), progress=False)
+        prepare_data(d, exp.data, progress=False)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return d
 

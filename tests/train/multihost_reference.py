@@ -22,7 +22,7 @@ def main(out_path, overrides):
 
     assert jax.device_count() == 2
     exp = load_config("experiments/configs/tiny.yaml", overrides)
-    dcfg = exp.data_config()
+    dcfg = exp.data
     prepared = prepare_data(exp.data_dir, dcfg, progress=False)
     tok = prepared.tokenizer
     cfg = exp.model_config().replace(bos_token_id=tok.bos_id, eos_token_id=(tok.eos_id, tok.im_end_id),

@@ -14,7 +14,7 @@ REPO_CONFIGS = ["tiny", "minicpm4_0p5b", "minicpm4_8b", "long_context_sparse", "
 def test_every_shipped_config_loads_and_builds_its_model(name):
     exp = load_config(f"experiments/configs/{name}.yaml")
     cfg = exp.model_config()
-    exp.data_config()
+    exp.data
     assert exp.name and cfg.param_count() > 0
 
 
@@ -22,7 +22,7 @@ def test_overrides_and_errors_name_the_key(tmp_path):
     exp = load_config("experiments/configs/tiny.yaml", ["optim.peak_lr=3e-3", "model.num_hidden_layers=2",
                                                         "train.steps=80", "data.seq_len=128"])
     assert exp.optim.peak_lr == 3e-3 and exp.model_config().num_hidden_layers == 2
-    assert exp.data_config().seq_len == 128 and exp.output_dir == "runs/tiny"
+    assert exp.data.seq_len == 128 and exp.output_dir == "runs/tiny"
     with pytest.raises(ValueError, match="optim.peak_lrr"):
         load_config(None, ["optim.peak_lrr=1"])
     with pytest.raises(ValueError, match="train.steps"):
@@ -42,12 +42,12 @@ def test_overrides_and_errors_name_the_key(tmp_path):
 def test_sweep_expands_the_grid_and_emits_commands(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text("name: demo\nbase: experiments/configs/tiny.yaml\noverrides: [train.steps=60]\n"
-                 "grid:\n  train.attention: [dense, sparse]\n  optim.peak_lr: [0.003, 0.01, 0.03]\n")
+                 "grid:\n  model.attention: [dense, sparse]\n  optim.peak_lr: [0.003, 0.01, 0.03]\n")
     spec = load_sweep(f)
     points = expand(spec)
     assert len(points) == 6 and len({p["output_dir"] for p in points}) == 6
     cmd = command(spec, points[4])
-    assert cmd[-5:-1] == ["train.steps=60", "train.attention=sparse", "optim.peak_lr=0.01", "name=demo-004"]
+    assert cmd[-5:-1] == ["train.steps=60", "model.attention=sparse", "optim.peak_lr=0.01", "name=demo-004"]
     for p in points:                                   # every point is a valid experiment config
         load_config(spec["base"], p["overrides"])
     f.write_text("grid: {}\n")

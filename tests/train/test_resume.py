@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from minicpm_jax.train.checkpoint import CheckpointError, load_run_params
+from minicpm_jax.checkpoint import CheckpointError
+from minicpm_jax.weights import load_weights
 from minicpm_jax.train.metrics import read_metrics
 from tests.train.conftest import run_cli, train_overrides
 
@@ -27,7 +28,21 @@ def uninterrupted(prepared_data_dir, tmp_path_factory):
                                                                     "train.profile_steps=[3]"]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert list((out / "profile").rglob("*.xplane.pb")), "jax.profiler trace of step 3 missing"
+    (out.parent / "a.stdout").write_text(r.stdout)        # what a log file of the run holds (not a terminal)
+    (out.parent / "a.stderr").write_text(r.stderr)
     return out
+
+
+def test_logs_are_plain_lines_when_not_on_a_terminal(uninterrupted):
+    """Redirected output gets one plain line per logged step, no progress-bar redraws (carriage returns, cursor
+    moves), and every step after the first logged interval reports its throughput, eval/checkpoint steps included."""
+    out, err = (uninterrupted.parent / "a.stdout").read_text(), (uninterrupted.parent / "a.stderr").read_text()
+    assert "\r" not in out + err and "\x1b[" not in out + err
+    lines = [ln for ln in out.splitlines() if ln.startswith("step ") and ": loss " in ln]
+    assert [ln.split(":")[0] for ln in lines] == [f"step {i}/6" for i in range(1, 7)], out[-2000:]
+    assert "tok/s —" in lines[0] and all("tok/s —" not in ln and "tok/s 0," not in ln for ln in lines[1:]), lines
+    rows = [r for r in read_metrics(uninterrupted) if r["split"] == "train"]
+    assert all(r["tokens_per_s"] > 0 for r in rows[1:]), rows    # steps 3 and 5 follow checkpoints (every 2)
 
 
 def test_kill_during_save_then_resume_reproduces_the_loss_sequence(uninterrupted, prepared_data_dir, tmp_path):
@@ -50,15 +65,17 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_is_used(uninterrupted,
     shutil.copytree(uninterrupted, run)
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [4, 6]                          # keep_checkpoints = 2
-    victim = max((run / "checkpoints" / "6" / "state").rglob("*"), key=lambda p: p.stat().st_size if p.is_file()
-                 else -1)
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])     # truncate the largest array file
+    # truncate every array file of step 6 (the largest alone may hold only optimizer moments, which a params-only
+    # restore never reads)
+    for victim in (run / "checkpoints" / "6" / "state").rglob("*"):
+        if victim.is_file() and victim.stat().st_size > 4096:
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
     with pytest.raises(CheckpointError, match=r"checkpoint step 6 in .*checkpoints cannot be restored.*partial or "
                                               r"corrupt"):
-        load_run_params(run, step=6)
-    _, _, params = load_run_params(run)             # falls back to step 4, with a warning
-    assert "Falling back to the previous checkpoint" in capsys.readouterr().out
-    _, _, params4 = load_run_params(uninterrupted, step=4)
+        load_weights(run, step=6)
+    w = load_weights(run)                           # falls back to step 4, with a warning
+    assert "Falling back to the previous checkpoint" in capsys.readouterr().out and w.step == 4
+    params, params4 = w.params, load_weights(uninterrupted, step=4).params
     import jax
     import numpy as np
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params4)):
@@ -67,9 +84,9 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_is_used(uninterrupted,
 
 def test_a_training_run_exports_to_gguf_and_hf(uninterrupted, tmp_path):
     """The exporter reads the orbax run (config.yaml + checkpoints + tokenizer) and llama.cpp runs the result."""
-    from minicpm_jax.export import load_for_export
     from tests.train.conftest import run_cli
-    cfg, params, tok = load_for_export(uninterrupted)
+    w = load_weights(uninterrupted)
+    cfg, params, tok = w.cfg, w.params, w.tokenizer
     assert cfg.num_hidden_layers == 2 and tok is not None and tok.vocab_size <= cfg.vocab_size
     r = run_cli(["export", "--checkpoint", str(uninterrupted), "--format", "gguf", "--qtype", "f32", "--out",
                  str(tmp_path / "m.gguf")])
@@ -102,7 +119,7 @@ def test_eval_command_reports_loss_per_source(uninterrupted):
 def test_eval_always_uses_the_runs_own_tokenizer(uninterrupted, tmp_path):
     from minicpm_jax.train.evaluate import eval_config
     exp = eval_config(uninterrupted, [f"data_dir={tmp_path}", "data.seq_len=64"])
-    assert exp.data_config().tokenizer.path == str(uninterrupted / "tokenizer") and exp.data_dir == str(tmp_path)
+    assert exp.data.tokenizer.path == str(uninterrupted / "tokenizer") and exp.data_dir == str(tmp_path)
 
 
 def test_a_diverging_run_stops_with_a_clear_error(prepared_data_dir, tmp_path):

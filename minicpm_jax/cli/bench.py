@@ -1,0 +1,87 @@
+"""`minicpm bench {sparse,train,data,edge}`: benchmarks that print tables of ratios measured side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from data_pipeline import bench as data_bench
+from data_pipeline.prepare import load_prepared, prepare_data
+from minicpm_jax.bench import edge, sparse, train
+from minicpm_jax.cli.data import add_config_arguments, data_config, setup_logging
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print tables of measured ratios")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+
+    p = bsub.add_parser("sparse", help="InfLLM v2 sparse vs dense attention (decode 32K/128K, prefill 32K)",
+                        description=sparse.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes: 8K/32K decode, 8K prefill")
+    p.add_argument("--decode-lens", type=int, nargs="*", default=None)
+    p.add_argument("--prefill-len", type=int, default=None, help="0 skips the prefill comparison")
+    p.add_argument("--chunk", type=int, default=64, help="queries per step of the sparse XLA path's window part")
+    p.set_defaults(func=lambda a: sparse.run(quick=a.quick, decode_lens=a.decode_lens, prefill_len=a.prefill_len,
+                                             chunk=a.chunk) and 0)
+
+    p = bsub.add_parser("train", help="train-step MFU against the measured matmul peak (tiny and ~100M configs)",
+                        description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="tiny,100m", help=f"comma list of {sorted(train.CONFIGS)}")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3)
+    p.set_defaults(func=lambda a: train.run(a.configs.split(","), a.dtype, a.batch, a.seq, a.steps) and 0)
+
+    p = bsub.add_parser("data", help="scoring docs/s and pipeline tokens/s (0/1/2 workers) vs the train step")
+    p.add_argument("--workdir", help="prepared workdir (default: a pip-only tiny preparation in the cache)")
+    p.add_argument("--seconds", type=float, default=4.0, help="measuring time per pipeline setting")
+    p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--train-tokens-per-s", type=float, help="skip measuring the train step, use this number")
+    p.add_argument("--json", help="also write the numbers here")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_bench_data)
+
+    p = bsub.add_parser("edge", help="llama.cpp prefill/decode speed of GGUF exports vs JAX on CPU",
+                        description=edge.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=edge.PRESETS, default="0.5b", help="model shape (random weights); default 0.5b")
+    p.add_argument("--qtypes", default="f16,q8_0,q4_0", help="comma-separated GGUF qtypes (default f16,q8_0,q4_0)")
+    p.add_argument("--threads", default="2", help="llama.cpp thread counts, comma-separated (default 2)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prefill length in tokens (default 128)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="decode steps measured (default 64)")
+    p.add_argument("--out-dir", default=None, help="keep the GGUF files here (default: a temporary directory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_edge)
+
+
+def tiny_train_tokens_per_s(batch: int, seq: int) -> float:
+    """Tokens/s of the tiny model's jitted train step at this batch, after compilation (the data bench's yardstick)."""
+    r = train.time_train_step(train.CONFIGS["tiny"](), batch, seq, steps=3)
+    print(f"tiny train step: {r['step_s']:.3f} s per {batch}x{seq} batch (compile {r['compile_s']:.1f} s)")
+    return r["tokens_per_s"]
+
+
+def cmd_bench_data(args) -> int:
+    setup_logging()
+    cfg = data_config(args)
+    if not args.overrides and not args.config:
+        cfg = cfg.replace(seq_len=256, batch_size=8)  # the tiny main job's batch (minicpm_jax/configs/tiny.yaml)
+    workdir = args.workdir or str(data_bench.default_workdir())
+    if args.workdir and (Path(workdir) / "prepared.json").exists() and not (args.overrides or args.config):
+        prepared = load_prepared(workdir)  # measure what is there; preparing anew could change it
+    else:
+        prepared = prepare_data(workdir, cfg, progress=False)
+    res = data_bench.run(prepared, cfg, train_tokens_per_s=args.train_tokens_per_s, train_step=tiny_train_tokens_per_s,
+                         workers=tuple(int(w) for w in args.workers.split(",")), seconds=args.seconds)
+    if args.json:
+        Path(args.json).write_text(json.dumps(data_bench.summary_numbers(res), indent=2))
+    return 0
+
+
+def cmd_bench_edge(args) -> int:
+    qts = [q.strip() for q in args.qtypes.split(",") if q.strip()]
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    print(edge.run_edge_bench(args.preset, qts, threads, args.prompt_len, args.decode_tokens, args.out_dir,
+                              args.seed), flush=True)
+    return 0

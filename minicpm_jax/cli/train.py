@@ -1,0 +1,104 @@
+"""`minicpm train`: the main job (data -> training -> samples -> exports -> summary), or a dry run of a pod config.
+
+This module is the run driver: the training loop returns the final weights, and the end-of-run samples and exports
+(HF safetensors, GGUF) are called from here, so training and export stay independent of each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import jax
+
+from minicpm_jax.cli.common import load_experiment, set_fake_devices
+from minicpm_jax.export.gguf import to_gguf
+from minicpm_jax.export.hf_export import export_hf
+from minicpm_jax.convert.hf import to_host
+from minicpm_jax.train.config import ExperimentConfig
+from minicpm_jax.train.dry_run import dry_run
+from minicpm_jax.train.loop import TrainResult, run
+from minicpm_jax.train.metrics import plot_losses
+from minicpm_jax.train.samples import sample_text
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model from an experiment config (default: the tiny CPU run)",
+                       description="Train from an experiment YAML (a path, or the name of a shipped config such as "
+                                   "tiny or minicpm4_8b); any field can be overridden as key=value.")
+    p.add_argument("--config", default=None, help="experiment YAML or shipped config name (default: tiny)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=50 optim.peak_lr=3e-3")
+    p.add_argument("--dry-run", action="store_true", help="compile the train step for the mesh and print memory")
+    p.add_argument("--fake-devices", type=int, default=None, help="use N fake CPU devices (dry runs, tests)")
+    p.add_argument("--processes", type=int, default=1, help="dry run: number of hosts the global batch spans")
+    p.add_argument("--coordinator", default=None, help="multi-host: coordinator address host:port")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    set_fake_devices(args.fake_devices)
+    exp = load_experiment(args.config, args.overrides, coordinator=args.coordinator,
+                          num_processes=args.num_processes, process_id=args.process_id)
+    if args.dry_run:
+        dry_run(exp, processes=args.processes)
+        return 0
+    if not sys.stderr.isatty():   # data preparation reports its steps as plain log lines instead of bars
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main_job(exp)
+    return 0
+
+
+def main_job(exp: ExperimentConfig) -> dict:
+    """Train, then (process 0) write the loss plot, sample text, export and write summary.json; returns it."""
+    result = run(exp)
+    main = jax.process_index() == 0
+    outputs = {"run_dir": str(result.run_dir), "checkpoints": str(result.run_dir / "checkpoints"),
+               "metrics": str(result.run_dir / "logs" / "metrics.jsonl"),
+               "tensorboard": str(result.run_dir / "logs" / "tensorboard")}
+    if main:
+        outputs["loss_plot"] = str(plot_losses(result.run_dir))
+    samples = []
+    if jax.process_count() == 1:
+        t = exp.train
+        samples = sample_text(result.params, result.cfg, result.tokenizer, t.sample_prompts, t.sample_tokens,
+                              chat=t.sample_chat, temperature=t.sample_temperature, top_p=t.sample_top_p,
+                              seed=exp.seed)
+    outputs.update(export_run(result))
+    summary = {"steps": result.steps, "train_losses": result.train_losses, "eval_losses": result.eval_losses,
+               "outputs": outputs, "samples": samples}
+    if main:
+        (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        print_summary(summary)
+    return summary
+
+
+def export_run(result: TrainResult) -> dict[str, str]:
+    """The run's final weights as an HF directory and GGUF files, as its `export` section asks."""
+    exp, cfg, params, tok, run_dir = result.exp, result.cfg, result.params, result.tokenizer, result.run_dir
+    out = {}
+    if exp.export.hf:
+        out["hf"] = str(export_hf(run_dir / "export" / "hf", cfg, params, tok))
+    if exp.export.gguf_qtypes:
+        host = jax.tree.map(to_host, params)            # every process takes part in the gather
+        for q in exp.export.gguf_qtypes:
+            if jax.process_index() == 0:
+                out[f"gguf_{q}"] = str(to_gguf(run_dir / "export" / f"{exp.name}-{q}.gguf", cfg, host, tok,
+                                               qtype=q).path)
+    return out
+
+
+def print_summary(s: dict) -> None:
+    tl, el = s["train_losses"], s["eval_losses"]
+    first = tl[0][1] if tl else float("nan")
+    last = tl[-1][1] if tl else float("nan")
+    lines = [f"\n=== run finished: {s['steps']} steps, train loss {first:.3f} -> {last:.3f}"]
+    if el:
+        lines.append(f"    eval loss {el[0][1]:.3f} (step {el[0][0]}) -> {el[-1][1]:.3f} (step {el[-1][0]})")
+    for k, v in s["outputs"].items():
+        lines.append(f"    {k:<12} {v}")
+    for t in s["samples"]:
+        lines.append(f"    sample: {t!r}")
+    print("\n".join(lines), flush=True)
