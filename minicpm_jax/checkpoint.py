@@ -13,6 +13,9 @@ The run's `config.yaml` and `tokenizer/` sit beside `checkpoints/`, so a run dir
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +25,36 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+def _is_aftermath(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _silence_failed_read_aftermath() -> None:
+    """After one array of a restore fails, orbax abandons the other reads: their coroutines and TensorStore callbacks
+    then die against a closed event loop and print hundreds of traceback lines that say nothing about the checkpoint.
+    The CheckpointError names the step; these hooks drop only that aftermath (installed once, everything else passes)."""
+    if getattr(sys.unraisablehook, "_minicpm", False):
+        return
+    prev_unraisable, prev_thread = sys.unraisablehook, threading.excepthook
+
+    def unraisable(u):
+        if not (isinstance(u.object, types.CoroutineType) or _is_aftermath(u.exc_value)):
+            prev_unraisable(u)
+
+    def thread_hook(args):
+        if not _is_aftermath(args.exc_value):
+            prev_thread(args)
+
+    unraisable._minicpm = True
+    sys.unraisablehook, threading.excepthook = unraisable, thread_hook
+
+
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be restored; `step` and `reason` (one line) when it is one step."""
+
+    def __init__(self, msg: str, step: Optional[int] = None, reason: str = ""):
+        super().__init__(msg)
+        self.step, self.reason = step, reason
 
 
 class Checkpointer:
@@ -67,10 +98,12 @@ class Checkpointer:
         try:
             out = self.mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:   # orbax raises many types for damaged files; name the step either way
+            _silence_failed_read_aftermath()
+            first = str(e).splitlines()[0].split(" See full TensorStore details")[0] if str(e) else ""
+            reason = f"{type(e).__name__}: {first[:200]}"
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); it is partial or corrupt. Delete "
-                f"{self.directory / str(step)} to resume from an earlier step (available: {self.steps()}).") from e
+                f"checkpoint step {step} in {self.directory} cannot be restored ({reason}); it is partial or corrupt "
+                f"(available steps: {self.steps()})", step=step, reason=reason) from e
         return (out.state["params"] if params_only else out.state), out.meta
 
     def restore_latest(self, abstract_state, data_iter=None, *, params_only: bool = False):
@@ -80,9 +113,12 @@ class Checkpointer:
                 state, meta = self.restore(step, abstract_state, data_iter, params_only=params_only)
                 return step, state, meta
             except CheckpointError as e:
-                log.warning("%s Falling back to the previous checkpoint.", e)
-                print(f"WARNING: {e} Falling back to the previous checkpoint.", flush=True)
+                print(f"WARNING: {e}. Falling back to the previous checkpoint.", flush=True)
         return None
+
+    def reload(self):
+        """Re-read the committed steps from disk (after steps were moved aside)."""
+        self.mngr.reload()
 
     def wait(self):
         self.mngr.wait_until_finished()

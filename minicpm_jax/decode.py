@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minicpm_jax.attention_plan import check_mode
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.kv_cache import KVCache, init_cache
-from minicpm_jax.attention_plan import check_mode
 from minicpm_jax.model import MiniCPM
-from minicpm_jax.sampling import sample_token
+from minicpm_jax.sampling import GenerationSettings, sample_token
 
 
 def _apply_with_cache(params, cfg, attention, mode, tokens, positions, q_slot, cache: KVCache, write_start,
@@ -124,8 +124,11 @@ def generate(params, cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]] | np.
         prompt_ids = [list(map(int, row)) for row in np.asarray(prompt_ids)]
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate: every prompt needs at least one token (usually BOS)")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    GenerationSettings(max_new_tokens, float(temperature), int(top_k), float(top_p))   # validates (ValueError)
+    longest = max(len(p) for p in prompt_ids)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"generate: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's max_position_embeddings={cfg.max_position_embeddings}")
     for p in prompt_ids:
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:

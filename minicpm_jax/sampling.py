@@ -1,6 +1,11 @@
-"""Next-token sampling: greedy, temperature, top-k and top-p (nucleus). All knobs are traced values (no recompile)."""
+"""Next-token sampling: greedy, temperature, top-k and top-p (nucleus). All knobs are traced values (no recompile).
+
+`GenerationSettings` validates the knobs once for every generation path (JAX `generate`, llama.cpp, the CLI)."""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,3 +38,41 @@ def sample_token(logits: jnp.ndarray, rng: jax.Array, temperature, top_k, top_p)
     scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
     sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Generation knobs, validated once and meant the same way by the JAX and the llama.cpp paths.
+
+    max_new_tokens >= 1; temperature >= 0 (0 = greedy); top_k >= 0 (0 = off); top_p in (0, 1] (1 = off).
+    Raises ValueError naming the flag (`--top-p` ...) so the CLI can print it as is.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{name} ({flag}) must be {rule}, got {getattr(self, name)!r}")
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        need(integer(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")
+        need(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0 (0 = greedy)")
+        need(integer(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)")
+        need(math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1] (1 = off)")
+
+    def fit_prompt(self, prompt_len: int, max_positions: int, truncate: bool = False) -> int:
+        """How many tokens to drop from the left of a prompt so prompt + max_new_tokens fit the model's positions.
+
+        Refuses (ValueError) when they do not fit, unless `truncate`; never truncates away the whole prompt."""
+        over = prompt_len + self.max_new_tokens - max_positions
+        if over <= 0:
+            return 0
+        if not truncate or over >= prompt_len:
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus --max-new-tokens ({self.max_new_tokens}) exceed "
+                             f"the model's {max_positions} positions; shorten the prompt, lower --max-new-tokens, or "
+                             "pass --truncate-prompt to drop its oldest tokens")
+        return over

@@ -17,7 +17,7 @@ import numpy as np
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.sharding import axis_rules, make_mesh
 from minicpm_jax.train.config import OptimConfig
-from minicpm_jax.train.metrics import measure_matmul_peak
+from minicpm_jax.train.metrics import peak_flops
 from minicpm_jax.train.step import build_step
 
 CONFIGS = {
@@ -27,12 +27,6 @@ CONFIGS = {
                                      sparse_config=None),
     "0.5b": lambda: ModelConfig.minicpm4_0_5b(),
 }
-
-
-def peak_flops(dtype) -> float:
-    """Best matmul FLOP/s over a few sizes (one device) times the device count."""
-    sizes = (1024, 2048) if jax.devices()[0].platform == "cpu" else (4096, 8192)
-    return max(measure_matmul_peak(dtype, n) for n in sizes) * jax.device_count()
 
 
 def time_train_step(cfg: ModelConfig, batch: int, seq: int, steps: int = 3, remat: str = "none") -> dict:

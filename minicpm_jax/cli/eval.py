@@ -23,6 +23,8 @@ def register(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    if args.batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {args.batches}")
     res, weights = evaluate_run(args.checkpoint, batches=args.batches, overrides=args.overrides, step=args.step,
                                 sources=args.sources.split(",") if args.sources else None)
     print(f"weights: {weights.describe()}", file=sys.stderr)

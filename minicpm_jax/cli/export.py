@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.tokenizer import Tokenizer
+from minicpm_jax.export.files import check_output_path
 from minicpm_jax.export.gguf import to_gguf
 from minicpm_jax.export.hf_export import export_hf
 from minicpm_jax.export.qtypes import ALL_QTYPES
@@ -61,6 +62,7 @@ def run_export(args) -> int:
         raise ValueError("--qtype applies to --format gguf; for HF safetensors use --dtype")
     if args.format == "gguf" and args.dtype is not None:
         raise ValueError("--dtype applies to --format hf; for GGUF use --qtype")
+    check_output_path(args.out, directory=args.format == "hf")     # before the (long) load and export
     ckpt = Path(args.checkpoint)
     w = load_weights(ckpt, step=args.step)
     print(f"weights: {w.describe()}", file=sys.stderr)

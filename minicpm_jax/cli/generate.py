@@ -9,6 +9,7 @@ import jax
 import minicpm_jax as mc
 from data_pipeline.tokenizer import Tokenizer
 from minicpm_jax.export.llamacpp import generate_text
+from minicpm_jax.sampling import GenerationSettings
 from minicpm_jax.weights import load_weights
 
 
@@ -28,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="drop the oldest prompt tokens when prompt + --max-new-tokens exceed the model's positions "
+                        "(default: refuse)")
     p.add_argument("--attention", default=None, choices=("auto", "dense", "sparse"),
                    help="default: the run's model.attention (auto for HF checkpoints and presets)")
     p.set_defaults(func=cmd_generate)
@@ -36,11 +40,21 @@ def register(sub) -> None:
 def cmd_generate(args) -> int:
     if args.prompt is None and args.prompt_ids is None:
         raise ValueError("give --prompt TEXT or --prompt-ids 1,2,3")
-    prompt_ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:   # bytes that are not UTF-8 reach Python as lone surrogates
+            bad = args.prompt[e.start].encode("utf-8", "surrogateescape")
+            raise ValueError(f"--prompt is not valid UTF-8 text (byte {bad!r} at character {e.start})") from None
+    try:
+        prompt_ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)   # one check for both
     if args.gguf:
         print(generate_text(args.gguf, prompt=args.prompt, prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            chat=args.chat))
+                            chat=args.chat, truncate_prompt=args.truncate_prompt))
         return 0
     tokenizer, attention = None, "auto"
     if args.checkpoint:
@@ -58,6 +72,7 @@ def cmd_generate(args) -> int:
         text = (tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
                 if args.chat else args.prompt)
         prompt_ids = tokenizer.encode(text, add_bos=True)
+    prompt_ids = prompt_ids[settings.fit_prompt(len(prompt_ids), cfg.max_position_embeddings, args.truncate_prompt):]
     out = mc.generate(params, cfg, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, rng=jax.random.key(args.seed),
                       attention=args.attention or attention)

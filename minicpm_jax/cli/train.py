@@ -18,8 +18,9 @@ from minicpm_jax.export.hf_export import export_hf
 from minicpm_jax.convert.hf import to_host
 from minicpm_jax.train.config import ExperimentConfig
 from minicpm_jax.train.dry_run import dry_run
-from minicpm_jax.train.loop import TrainResult, run
-from minicpm_jax.train.metrics import plot_losses
+from minicpm_jax.train.loop import TrainResult, init_distributed, run
+from minicpm_jax.train.metrics import plot_losses, read_metrics
+from minicpm_jax.train.run_dir import RunLock
 from minicpm_jax.train.samples import sample_text
 
 
@@ -52,9 +53,17 @@ def cmd_train(args) -> int:
 
 
 def main_job(exp: ExperimentConfig) -> dict:
-    """Train, then (process 0) write the loss plot, sample text, export and write summary.json; returns it."""
-    result = run(exp)
+    """Train, then (process 0) write the loss plot, sample text, export and write summary.json; returns it.
+
+    The run directory stays locked (one writer) from before training until the last export is written."""
+    init_distributed(exp.distributed)
     main = jax.process_index() == 0
+    with RunLock(exp.output_dir, enabled=main):
+        return _main_job(exp, main)
+
+
+def _main_job(exp: ExperimentConfig, main: bool) -> dict:
+    result = run(exp, locked=True)
     outputs = {"run_dir": str(result.run_dir), "checkpoints": str(result.run_dir / "checkpoints"),
                "metrics": str(result.run_dir / "logs" / "metrics.jsonl"),
                "tensorboard": str(result.run_dir / "logs" / "tensorboard")}
@@ -67,7 +76,10 @@ def main_job(exp: ExperimentConfig) -> dict:
                               chat=t.sample_chat, temperature=t.sample_temperature, top_p=t.sample_top_p,
                               seed=exp.seed)
     outputs.update(export_run(result))
-    summary = {"steps": result.steps, "train_losses": result.train_losses, "eval_losses": result.eval_losses,
+    rows = read_metrics(result.run_dir) if main else []      # the whole run, resumed segments included
+    train_losses = [(r["step"], r["loss"]) for r in rows if r["split"] == "train"] or result.train_losses
+    eval_losses = [(r["step"], r["loss"]) for r in rows if r["split"] == "eval"] or result.eval_losses
+    summary = {"steps": result.steps, "train_losses": train_losses, "eval_losses": eval_losses,
                "outputs": outputs, "samples": samples}
     if main:
         (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

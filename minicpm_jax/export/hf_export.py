@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.convert.hf import replace_dir, save_hf
+from minicpm_jax.export.files import check_output_path
 from minicpm_jax.export.weights import _KERNEL_IN_DIMS
 from minicpm_jax.quant import ternary_values
 
@@ -76,6 +77,7 @@ def export_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params, tokenizer: A
       remote_code_dir: a directory holding OpenBMB's configuration_minicpm.py / modeling_minicpm.py to copy along.
     """
     out = Path(out_dir)
+    check_output_path(out, directory=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     plain_cfg, plain_params = exported_params(cfg, params)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))

@@ -29,6 +29,7 @@ import gguf
 import numpy as np
 
 from minicpm_jax.export.qtypes import FILE_TYPE, LLAMACPP_QTYPES
+from minicpm_jax.sampling import GenerationSettings
 
 GGML_TYPE_F32 = 0
 EXTRA_BUFTS_ENV = "MINICPM_LLAMACPP_EXTRA_BUFTS"
@@ -44,12 +45,35 @@ def open_model(path: str | os.PathLike, *, n_ctx: int = 256, n_threads: int = 1,
     """
     import llama_cpp   # ~1 s to import: only when llama.cpp runs
 
+    check_gguf(path)
     if extra_buffers is None:
         extra_buffers = extra_buffers_work()
     kv = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) if f32_kv else {}
     with _model_params(use_extra_bufts=extra_buffers):
-        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
-                               n_threads_batch=n_threads, logits_all=logits_all, seed=seed, verbose=verbose, **kv)
+        try:
+            return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
+                                   n_threads_batch=n_threads, logits_all=logits_all, seed=seed, verbose=verbose, **kv)
+        except ValueError as e:
+            raise ValueError(f"{path}: llama.cpp cannot load it ({e}); is it a GGUF written for the 'minicpm' "
+                             "architecture by this llama.cpp version?") from None
+
+
+def check_gguf(path: str | os.PathLike) -> dict:
+    """Read a GGUF's header (cheap: memory-mapped) and return its metadata; a clear ValueError for a file that is
+    missing, truncated or not GGUF, instead of llama.cpp's bare "Failed to load model from file"."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"GGUF file {p} does not exist" if not p.exists() else f"{p} is not a file")
+    try:
+        reader = gguf.GGUFReader(str(p))
+    except Exception as e:   # gguf-py raises ValueError / struct errors / IndexError on damaged files
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ValueError(f"{p}: not a readable GGUF file ({why}); re-export it") from None
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.endswith("context_length") and field.types and field.data:
+            meta["context_length"] = int(field.parts[field.data[0]][0])
+    return meta
 
 
 @contextlib.contextmanager
@@ -199,19 +223,32 @@ def _llama_log():
 
 def generate_text(path: str | os.PathLike, *, prompt: Optional[str], prompt_ids: Optional[Sequence[int]],
                   max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int, chat: bool,
-                  n_ctx: int = 4096, n_threads: Optional[int] = None) -> str:
-    """Generate text from a GGUF with the file's own tokenizer and chat template (`minicpm generate --gguf`)."""
+                  n_threads: Optional[int] = None, truncate_prompt: bool = False) -> str:
+    """Generate text from a GGUF with the file's own tokenizer and chat template (`minicpm generate --gguf`).
+
+    The settings mean what they mean for the JAX path (`GenerationSettings`: temperature 0 = greedy, top_k 0 and
+    top_p 1 = off); a prompt that does not fit the model's context with max_new_tokens is refused (or its oldest
+    tokens dropped with truncate_prompt)."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
-    llm = open_model(path, n_ctx=n_ctx, n_threads=n_threads or max(1, os.cpu_count() or 1), logits_all=False,
-                     f32_kv=False, seed=seed)
+    settings = GenerationSettings(max_new_tokens, float(temperature), int(top_k), float(top_p))
+    ctx = check_gguf(path).get("context_length", 4096)
+    # a context just large enough (llama.cpp sizes its buffers by n_ctx): <= 1 token per prompt byte, plus BOS and
+    # a chat template's own tokens
+    need = (len(prompt_ids) if prompt_ids is not None else len(prompt.encode("utf-8")) + 2 + 64 * chat)
+    llm = open_model(path, n_ctx=max(16, min(ctx, need + max_new_tokens)), n_threads=n_threads or os.cpu_count() or 1,
+                     logits_all=False, f32_kv=False, seed=seed)
     if llm.metadata.get("tokenizer.ggml.model") == "no_vocab":
         raise ValueError(f"{path} has no tokenizer ('no_vocab'); re-export it with a tokenizer (--tokenizer)")
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=0.0, repeat_penalty=1.0, seed=seed)
+    if prompt is not None and not chat:
+        prompt_ids = tokenize(llm, prompt, special=True, add_bos=True)
     if prompt_ids is not None:
         if chat:
             raise ValueError("chat=True needs a text prompt (the chat template renders text), not prompt_ids")
-        out = llm.create_completion(list(map(int, prompt_ids)), max_tokens=max_new_tokens, **sampling)
+        prompt_ids = list(map(int, prompt_ids))
+        prompt_ids = prompt_ids[settings.fit_prompt(len(prompt_ids), ctx, truncate_prompt):]
+        out = llm.create_completion(prompt_ids, max_tokens=max_new_tokens, **sampling)
         return out["choices"][0]["text"]
     if chat:
         if not llm.metadata.get("tokenizer.chat_template"):
@@ -219,5 +256,3 @@ def generate_text(path: str | os.PathLike, *, prompt: Optional[str], prompt_ids:
         out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=max_new_tokens,
                                          **sampling)
         return out["choices"][0]["message"]["content"] or ""
-    out = llm.create_completion(prompt, max_tokens=max_new_tokens, **sampling)
-    return out["choices"][0]["text"]

@@ -109,6 +109,7 @@ class TrainLoopConfig:
     log_every: int = 1                # metrics every N steps (and a plain progress line when not on a terminal)
     loss_chunk_size: int = 2048       # tokens per chunk of the cross-entropy (bounds the [tokens, vocab] logits)
     resume: bool = True               # continue from the latest checkpoint in output_dir if there is one
+    overwrite: bool = False           # with resume=false over an existing run: move its files to <run>/previous-<n>/
     init_from: Optional[str] = None   # start from these weights (HF dir or a run dir) with a fresh optimizer + schedule
     init_from_step: Optional[int] = None  # which checkpoint of a run dir (default: latest)
     profile_steps: tuple[int, ...] = ()  # jax.profiler trace around these steps (written under output_dir/profile)

@@ -29,9 +29,14 @@ def eval_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Experimen
     Whatever data_dir an override names, ids must be the ones the weights were trained with: a data config without
     a tokenizer path would otherwise train a fresh tokenizer there and score the model on foreign ids.
     """
-    tok = Path(run_dir) / "tokenizer"
+    tok = Path(run_dir).resolve() / "tokenizer"
     pinned = [f"data.tokenizer.path={tok}"] if tok.is_dir() else []
-    return load_config(run_paths(run_dir)["config"], pinned + list(overrides), recorded=True)
+    exp = load_config(run_paths(run_dir)["config"], pinned + list(overrides), recorded=True)
+    if not Path(exp.data_dir).is_absolute() and not (Path(exp.data_dir) / "prepared.json").is_file():
+        # runs record absolute paths now; an older run's relative data_dir would silently rebuild the corpus here
+        raise ValueError(f"{run_dir}: its data_dir {exp.data_dir!r} is relative and holds no prepared data from "
+                         f"{Path.cwd()}; run from the directory it was trained in, or pass data_dir=<path>")
+    return exp
 
 
 def evaluate_run(run_dir: str | Path, *, batches: int = 32, sources: Optional[Sequence[str]] = None,
@@ -39,9 +44,11 @@ def evaluate_run(run_dir: str | Path, *, batches: int = 32, sources: Optional[Se
     """({source: {"loss", "perplexity", "tokens"}} plus "all" (token-weighted), the weights used) for a checkpoint
     of the run (the newest restorable one unless `step`)."""
     exp = eval_config(run_dir, overrides)
-    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    weights = load_weights(run_dir, step=step, mesh=mesh)
     dcfg = exp.data
+    # as many local devices as split the eval batch evenly (8 devices and a batch of 4 use 4 of them)
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1},
+                     devices=jax.local_devices()[:math.gcd(dcfg.batch_size, jax.local_device_count())])
+    weights = load_weights(run_dir, step=step, mesh=mesh)
     prepared = prepare_data(exp.data_dir, dcfg, progress=False)
     names = list(sources) if sources else sorted(prepared.shards("eval"))
     shape = (dcfg.batch_size, dcfg.seq_len)

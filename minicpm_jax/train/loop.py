@@ -8,6 +8,7 @@ global batch (`jax.make_array_from_process_local_data`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -31,7 +32,9 @@ from minicpm_jax.checkpoint import Checkpointer, run_paths
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.sharding import axis_rules, make_mesh
 from minicpm_jax.train.config import ExperimentConfig
-from minicpm_jax.train.metrics import MetricsWriter, measure_matmul_peak, to_python
+from minicpm_jax.train.metrics import MetricsWriter, peak_flops, to_python
+from minicpm_jax.train.run_dir import (RunLock, move_old_run_aside, recorded_model, restore_or_stop,
+                                       shape_differences, truncate_metrics)
 from minicpm_jax.train.step import BATCH_KEYS, StepSetup, build_step
 from minicpm_jax.weights import load_weights, source_config
 
@@ -173,9 +176,59 @@ class Progress:
         self.bar.close()
 
 
-def run(exp: ExperimentConfig) -> TrainResult:
-    """Train `exp` to `train.steps` (resuming from the run's latest checkpoint) and return the final state."""
+def sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def check_run_dir(exp: ExperimentConfig, cfg: ModelConfig, run_dir: Path, steps: list[int]) -> None:
+    """Decide what an existing run directory means for this run before anything in it is written or deleted."""
+    if not steps:
+        return
+    if not exp.train.resume:
+        if not exp.train.overwrite:
+            raise ValueError(f"{run_dir} holds a run with checkpoints {steps}; train.resume=false would train a new "
+                             "run into it and mix the two. Use a new output_dir, or add train.overwrite=true to move "
+                             f"the old run's files into {run_dir}/previous-<n>/ first")
+        if jax.process_index() == 0:
+            say(f"train.overwrite: the previous run in {run_dir} moved to {move_old_run_aside(run_dir)}")
+        sync("minicpm:old-run-moved")
+        return
+    recorded = recorded_model(run_dir)
+    diffs = shape_differences(recorded, cfg) if recorded is not None else []
+    if diffs:
+        raise ValueError(f"refusing to resume {run_dir} (checkpoints {steps}) with a config whose model shapes differ: "
+                         + "; ".join(diffs) + ". Use the run's own settings, a new output_dir, or start a new phase "
+                         f"from its weights with train.init_from={run_dir} in another output_dir")
+
+
+def run(exp: ExperimentConfig, *, locked: bool = False) -> TrainResult:
+    """Train `exp` to `train.steps` (resuming from the run's latest checkpoint) and return the final state.
+
+    The run directory is locked for the call (one writer) unless the caller holds its `RunLock` (`locked`)."""
     init_distributed(exp.distributed)
+    lock = contextlib.nullcontext() if locked else RunLock(exp.output_dir, enabled=jax.process_index() == 0)
+    with lock:
+        return _run(exp)
+
+
+def absolute_paths(exp: ExperimentConfig) -> ExperimentConfig:
+    """The experiment with its input paths made absolute, so the run's recorded config.yaml means the same from any
+    working directory (`minicpm eval` run elsewhere reads the same prepared data, not a fresh ./runs/data)."""
+    absolute = lambda p: None if p is None else str(Path(p).expanduser().resolve())
+    init_from = exp.train.init_from
+    if init_from is not None and Path(init_from).expanduser().exists():
+        init_from = absolute(init_from)
+    data = exp.data
+    if data.tokenizer.path is not None:
+        data = dataclasses.replace(data, tokenizer=dataclasses.replace(data.tokenizer,
+                                                                       path=absolute(data.tokenizer.path)))
+    return dataclasses.replace(exp, data_dir=absolute(exp.data_dir), data=data,
+                               train=dataclasses.replace(exp.train, init_from=init_from))
+
+
+def _run(exp: ExperimentConfig) -> TrainResult:
+    exp = absolute_paths(exp)
     pidx, pcount, main = jax.process_index(), jax.process_count(), jax.process_index() == 0
     paths = run_paths(exp.output_dir)
     mesh = make_mesh(exp.mesh.as_dict())
@@ -189,32 +242,38 @@ def run(exp: ExperimentConfig) -> TrainResult:
     shape = (global_batch, seq_len)
     setup = build_step(cfg, mesh, shape, attention=exp.model.attention, optim=exp.optim, total_steps=exp.train.steps,
                        micro_batches=exp.train.micro_batches, loss_chunk=exp.train.loss_chunk_size)
-    if main:
-        paths["run"].mkdir(parents=True, exist_ok=True)
-        paths["config"].write_text(exp.to_yaml())
-        tokenizer.save(paths["tokenizer"])
     say(f"run {exp.name}: {cfg.param_count() / 1e6:.1f}M params, mesh {dict(mesh.shape)}, {jax.device_count()} "
         f"devices on {pcount} process(es), global batch {global_batch} x {seq_len} tokens, {exp.train.steps} steps")
 
     train_it = make_train_iterator(prepared, dcfg, process_index=pidx, process_count=pcount)
     ckpt = Checkpointer(paths["checkpoints"], keep=exp.train.keep_checkpoints, async_save=exp.train.async_checkpoint)
-    restored = None
-    if exp.train.resume and ckpt.steps():
-        restored = ckpt.restore_latest(setup.abstract_state(), train_it)
-    if restored is not None:
-        start, state, _ = restored
-        say(f"resumed from {paths['checkpoints']}/{start}")
-    else:
-        start = 0
-        state = setup.init_state(initial_params(exp, setup))
+    try:
+        check_run_dir(exp, cfg, paths["run"], ckpt.steps())
+        if exp.train.resume and ckpt.steps():
+            ckpt.reload()
+            start, state = restore_or_stop(ckpt, setup.abstract_state(), train_it, say, move=main)
+            say(f"resumed from {paths['checkpoints']}/{start}")
+        else:
+            start = 0
+            state = setup.init_state(initial_params(exp, setup))
+    except BaseException:
+        ckpt.close()
+        raise
+    if main:                                     # only now: the run has restored or deliberately started
+        paths["run"].mkdir(parents=True, exist_ok=True)
+        paths["config"].write_text(exp.to_yaml())
+        tokenizer.save(paths["tokenizer"])
+        dropped = truncate_metrics(paths["run"], start)
+        if dropped:
+            say(f"metrics: dropped {dropped} rows logged after step {start} by the interrupted run")
 
     def evaluate(params) -> dict:
         it = make_eval_iterator(prepared, dcfg, process_index=pidx, process_count=pcount)
         r = eval_loss(setup.eval_step, params, it, exp.train.eval_batches, setup.batch_sharding, shape)
         return {k: r[k] for k in ("loss", "perplexity", "tokens")}
 
-    peak = measure_matmul_peak(jnp.dtype(cfg.dtype)) * jax.device_count()
-    writer = MetricsWriter(paths["run"], enabled=main)
+    peak = peak_flops(jnp.dtype(cfg.dtype))
+    writer = MetricsWriter(paths["run"], enabled=main, purge_step=start + 1 if start else None)
     train_losses, eval_losses = [], []
     profile_dir = paths["run"] / "profile"
     progress = Progress(exp, start, enabled=main)

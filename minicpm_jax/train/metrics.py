@@ -54,10 +54,20 @@ def measure_matmul_peak(dtype=jnp.float32, n: Optional[int] = None, repeats: int
     return 2.0 * n ** 3 / best
 
 
+def peak_flops(dtype=jnp.float32) -> float:
+    """The machine's FLOP/s for MFU: the best matmul rate over a few sizes on one device, times the device count.
+
+    One size alone under-reads the peak on some CPUs (a busy moment, or a size the BLAS tiles badly), and an MFU
+    above 100 % follows; the best of several is what the step can reach."""
+    sizes = (1024, 2048) if jax.devices()[0].platform == "cpu" else (4096, 8192)
+    return max(measure_matmul_peak(dtype, n) for n in sizes) * jax.device_count()
+
+
 class MetricsWriter:
     """Process 0 writes `metrics.jsonl` and TensorBoard event files under `<run>/logs`; other processes no-op."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: Optional[int] = None):
+        """purge_step: a resumed run's first step; TensorBoard hides the events the interrupted run wrote from it."""
         self.enabled = enabled
         self.dir = Path(run_dir) / "logs"
         self._jsonl = None
@@ -66,7 +76,7 @@ class MetricsWriter:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
             from tensorboardX import SummaryWriter   # process 0 only; slow to import
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, split: str, values: dict):
         if not self.enabled:
