@@ -252,6 +252,8 @@ def _run(exp: ExperimentConfig) -> TrainResult:
         if exp.train.resume and ckpt.steps():
             ckpt.reload()
             start, state = restore_or_stop(ckpt, setup.abstract_state(), train_it, say, move=main)
+            sync("minicpm:restored")             # process 0 has moved any damaged steps aside
+            ckpt.reload()
             say(f"resumed from {paths['checkpoints']}/{start}")
         else:
             start = 0
