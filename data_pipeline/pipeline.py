@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import glob as globlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -106,7 +107,9 @@ class ParquetSource(grain.sources.RandomAccessDataSource):
     """Random access to the rows of Parquet files (grain's ParquetIterDataset is sequential only).
 
     Rows are read a row group at a time (a small LRU of groups), so a global shuffle costs one row-group read per
-    row; for large corpora convert to ArrayRecord (`minicpm data build --inputs`) first.
+    row; for large corpora convert to ArrayRecord (`minicpm data build --inputs`) first. grain's prefetch calls
+    `__getitem__` from several threads: the open files and the group cache are shared, so one lock guards them (two
+    threads reading one `ParquetFile` at once crashed pyarrow with a segfault).
     """
 
     def __init__(self, paths: Sequence[str], columns: Optional[Sequence[str]] = None, cache_groups: int = 4):
@@ -127,6 +130,7 @@ class ParquetSource(grain.sources.RandomAccessDataSource):
         self._starts = np.array([e[2] for e in self._index], np.int64)
         self._cache: dict = {}
         self._files: dict = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._len
@@ -139,18 +143,22 @@ class ParquetSource(grain.sources.RandomAccessDataSource):
             raise IndexError(i)
         k = int(np.searchsorted(self._starts, i, side="right") - 1)
         fi, g, start, _ = self._index[k]
-        rows = self._cache.get(k)
-        if rows is None:
-            if fi not in self._files:
-                self._files[fi] = pq.ParquetFile(self.paths[fi])
-            rows = self._files[fi].read_row_group(g, columns=self.columns).to_pylist()
-            if len(self._cache) >= self.cache_groups:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[k] = rows
+        with self._lock:
+            rows = self._cache.get(k)
+            if rows is None:
+                if fi not in self._files:
+                    self._files[fi] = pq.ParquetFile(self.paths[fi])
+                rows = self._files[fi].read_row_group(g, columns=self.columns).to_pylist()
+                if len(self._cache) >= self.cache_groups:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[k] = rows
         return rows[i - start]
 
     def __getstate__(self):
-        return {**self.__dict__, "_cache": {}, "_files": {}}
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"} | {"_cache": {}, "_files": {}}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __repr__(self) -> str:
         return f"ParquetSource({len(self.paths)} files, {self._len} rows)"
