@@ -6,7 +6,8 @@ Training writes them (`minicpm_jax.train`); the weight resolver (`minicpm_jax.we
 Layout: `<run>/checkpoints/<step>/{state,data,meta}` (orbax CheckpointManager). Orbax writes each step into a
 temporary directory and commits it by renaming, so a process killed mid-save leaves the previous steps intact and
 the unfinished one invisible. A committed step that fails to restore (truncated or deleted files) raises
-`CheckpointError` naming the step and directory; `restore_latest` then falls back to the previous step with a warning.
+`CheckpointError` naming the step and directory; `restore_latest` returns the newest step that restores and the
+errors of the newer ones it skipped.
 The run's `config.yaml` and `tokenizer/` sit beside `checkpoints/`, so a run directory is self-describing.
 """
 
@@ -107,14 +108,18 @@ class Checkpointer:
         return (out.state["params"] if params_only else out.state), out.meta
 
     def restore_latest(self, abstract_state, data_iter=None, *, params_only: bool = False):
-        """Restore the newest restorable step: (step, state, meta), or None without checkpoints."""
+        """Restore the newest step that restores: (step, state, meta, skipped), where `skipped` holds the
+        CheckpointError of each newer step that did not. Raises CheckpointError when no step restores (or none
+        exists); what to do with skipped steps (warn, move aside) is the caller's decision."""
+        skipped: list[CheckpointError] = []
         for step in reversed(self.steps()):
             try:
                 state, meta = self.restore(step, abstract_state, data_iter, params_only=params_only)
-                return step, state, meta
+                return step, state, meta, skipped
             except CheckpointError as e:
-                print(f"WARNING: {e}. Falling back to the previous checkpoint.", flush=True)
-        return None
+                skipped.append(e)
+        details = "; ".join(f"step {e.step}: {e.reason}" for e in skipped) or "no committed step"
+        raise CheckpointError(f"no checkpoint in {self.directory} restores ({details})")
 
     def reload(self):
         """Re-read the committed steps from disk (after steps were moved aside)."""

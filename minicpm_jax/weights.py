@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import yaml
 
 from data_pipeline.tokenizer import Tokenizer
-from minicpm_jax.checkpoint import CheckpointError, Checkpointer, run_paths
+from minicpm_jax.checkpoint import Checkpointer, run_paths
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.convert.hf import load_hf, read_config
 from minicpm_jax.model import abstract_params, param_logical_axes
@@ -123,10 +123,9 @@ def _restore_run_params(run_dir: Path, cfg: ModelConfig, step: Optional[int], me
         if not steps:
             raise FileNotFoundError(f"{ckpt_dir}: no committed checkpoint")
         if step is None:
-            restored = ckpt.restore_latest(target, params_only=True)
-            if restored is None:
-                raise CheckpointError(f"{ckpt_dir}: no checkpoint could be restored (steps {steps})")
-            step, params, _ = restored
+            step, params, _, skipped = ckpt.restore_latest(target, params_only=True)
+            for e in skipped:
+                print(f"WARNING: {e}. Falling back to the previous checkpoint.", flush=True)
         else:
             if step not in steps:
                 raise FileNotFoundError(f"{ckpt_dir}: no step {step} (have {steps})")

@@ -77,8 +77,8 @@ def _main_job(exp: ExperimentConfig, main: bool) -> dict:
                               seed=exp.seed)
     outputs.update(export_run(result))
     rows = read_metrics(result.run_dir) if main else []      # the whole run, resumed segments included
-    train_losses = [(r["step"], r["loss"]) for r in rows if r["split"] == "train"] or result.train_losses
-    eval_losses = [(r["step"], r["loss"]) for r in rows if r["split"] == "eval"] or result.eval_losses
+    train_losses = [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+    eval_losses = [(r["step"], r["loss"]) for r in rows if r["split"] == "eval"]
     summary = {"steps": result.steps, "train_losses": train_losses, "eval_losses": eval_losses,
                "outputs": outputs, "samples": samples}
     if main:

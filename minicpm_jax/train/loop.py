@@ -73,7 +73,7 @@ def say(msg: str):
 @dataclasses.dataclass
 class TrainResult:
     """What a finished run hands its driver: the final params (sharded), the model config, the tokenizer, where the
-    run lives, and the losses logged along the way ([(step, loss)])."""
+    run lives and its last step (its losses are in `<run>/logs/metrics.jsonl`, resumed segments included)."""
 
     exp: ExperimentConfig
     cfg: ModelConfig
@@ -81,8 +81,6 @@ class TrainResult:
     tokenizer: Any
     run_dir: Path
     steps: int
-    train_losses: list[tuple[int, float]]
-    eval_losses: list[tuple[int, float]]
 
 
 def to_global(local: dict, sharding: NamedSharding, global_shape) -> dict:
@@ -276,7 +274,6 @@ def _run(exp: ExperimentConfig) -> TrainResult:
 
     peak = peak_flops(jnp.dtype(cfg.dtype))
     writer = MetricsWriter(paths["run"], enabled=main, purge_step=start + 1 if start else None)
-    train_losses, eval_losses = [], []
     profile_dir = paths["run"] / "profile"
     progress = Progress(exp, start, enabled=main)
     tokens_per_step = global_batch * seq_len
@@ -307,7 +304,6 @@ def _run(exp: ExperimentConfig) -> TrainResult:
                         m.update(step_time=dt, tokens_per_s=tokens_per_step / dt,
                                  mfu=setup.flops_per_token * tokens_per_step / dt / peak)
                     t_mark, steps_since = now, 0
-                    train_losses.append((step, m["loss"]))
                     writer.write(step, "train", m)
                     if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
                         raise FloatingPointError(
@@ -319,7 +315,6 @@ def _run(exp: ExperimentConfig) -> TrainResult:
                 paused = time.perf_counter()
                 if step % exp.train.eval_every == 0 or step == exp.train.steps:
                     e = evaluate(state.params)
-                    eval_losses.append((step, e["loss"]))
                     writer.write(step, "eval", e)
                     progress.write(f"step {step}: eval loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}")
                 if step % exp.train.checkpoint_every == 0 or step == exp.train.steps:
@@ -335,4 +330,4 @@ def _run(exp: ExperimentConfig) -> TrainResult:
         progress.close()
         ckpt.close()
         writer.close()
-    return TrainResult(exp, cfg, state.params, tokenizer, paths["run"], step, train_losses, eval_losses)
+    return TrainResult(exp, cfg, state.params, tokenizer, paths["run"], step)

@@ -106,28 +106,19 @@ def move_old_run_aside(run_dir: Path) -> Path:
 
 def restore_or_stop(ckpt: Checkpointer, abstract_state, data_iter, say, move: bool = True) -> tuple[int, object]:
     """Restore the newest checkpoint that restores; newer ones that do not are moved aside (one line each; `move`:
-    this process moves them, the others only re-read the step list).
+    this process moves them, the others only follow).
 
     Raises CheckpointError, moving nothing, when no checkpoint restores."""
-    steps = ckpt.steps()
-    failed: list[tuple[int, CheckpointError]] = []
-    for step in reversed(steps):
-        try:
-            state, _ = ckpt.restore(step, abstract_state, data_iter)
-        except CheckpointError as e:
-            failed.append((step, e))
-            continue
-        for bad, e in failed:
-            if move:
-                dest = _free_name(ckpt.directory, f"corrupt-{bad}")
-                shutil.move(str(ckpt.directory / str(bad)), str(dest))
-                say(f"checkpoint step {bad} does not restore ({e.reason}); moved to {dest}")
-        if failed:
-            ckpt.reload()
-        return step, state
-    details = "; ".join(f"step {s}: {e.reason}" for s, e in failed)
-    raise CheckpointError(f"no checkpoint in {ckpt.directory} restores ({details}). Nothing was moved or deleted: "
-                          "repair or remove the damaged steps, or start a new run in another output_dir")
+    try:
+        step, state, _, skipped = ckpt.restore_latest(abstract_state, data_iter)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. Nothing was moved or deleted: repair or remove the damaged steps, or start a "
+                              "new run in another output_dir") from None
+    for e in skipped if move else ():
+        dest = _free_name(ckpt.directory, f"corrupt-{e.step}")
+        shutil.move(str(ckpt.directory / str(e.step)), str(dest))
+        say(f"checkpoint step {e.step} does not restore ({e.reason}); moved to {dest}")
+    return step, state
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> int:
