@@ -202,10 +202,14 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with fields changed (validated). `rope_scaling` / `sparse_config` may be given as HF dicts; a
-        sparse_config dict changes only the keys it names (`model.sparse_config.topk=4` keeps the preset's blocks)."""
+        sparse_config dict changes only the keys it names (`model.sparse_config.topk=4` keeps the preset's blocks);
+        one that names `variant` but not `lse_approx` gives lse_approx the new variant's default."""
         if isinstance(changes.get("sparse_config"), Mapping):
             base = self.sparse_config.to_hf_dict() if self.sparse_config is not None else {}
-            changes["sparse_config"] = SparseConfig.from_hf_dict({**base, **changes["sparse_config"]})
+            new = changes["sparse_config"]
+            if "variant" in new and "lse_approx" not in new:
+                base.pop("lse_approx", None)
+            changes["sparse_config"] = SparseConfig.from_hf_dict({**base, **new})
         if isinstance(changes.get("rope_scaling"), Mapping):
             hidden = changes.get("hidden_size", self.hidden_size)
             heads = changes.get("num_attention_heads", self.num_attention_heads)

@@ -1,6 +1,7 @@
 """InfLLM v2 reference: exact, simple, O(T^2) memory. The ground truth every other implementation is tested against.
 
-A direct transcription of spec §2.7 (MiniCPM4 June-2025 window semantics), batched with `vmap` over rows, with
+A direct transcription of spec §2.2-2.3 and §2.7 for both variants (`cfg.variant`: "minicpm4", the June-2025
+window outside top-k; "minicpm4.1", the local blocks forced inside a larger top-k), batched with `vmap` over rows, with
 absolute query positions so the same code serves prefill (queries = last Tq keys) and decode (one query per row at
 position length-1, keys beyond the row's length masked by causality). It shares no code with the chunked path
 (`select.py`, `xla.py`) on purpose.
@@ -68,14 +69,24 @@ def _select_one(q, k, t, cfg: SparseConfig):
     hkv, tq, nb = blk.shape
     qb = t // cfg.block_size
     bidx = jnp.arange(nb)
-    in_win = (bidx[None] > qb[:, None] - cfg.window_blocks) & (bidx[None] <= qb[:, None])  # [Tq, NB]
-    blk = jnp.where(in_win[None], -jnp.inf, blk)
+    n = cfg.window_blocks
+    future = bidx[None, None] > qb[None, :, None]
+    if cfg.variant == "minicpm4":
+        # June 2025: window qb-n+1..qb scored -inf and attended besides a top-`topk` holding the init blocks
+        in_win = (bidx[None] > qb[:, None] - n) & (bidx[None] <= qb[:, None])  # [Tq, NB]
+        blk = jnp.where(in_win[None], -jnp.inf, blk)
+        k_top, extra = cfg.topk, in_win[None]
+    else:
+        # 2025-08-25 on: init blocks and the n+1 local blocks qb-n..qb forced +inf in a top-(topk+n); nothing else
+        local = (bidx[None] >= qb[:, None] - n) & (bidx[None] <= qb[:, None])
+        blk = jnp.where(local[None], jnp.inf, blk)
+        k_top, extra = cfg.topk + n, jnp.zeros((1, tq, nb), bool)
     blk = jnp.where(bidx < cfg.init_blocks, jnp.inf, blk)
-    blk = jnp.where(bidx[None, None] > qb[None, :, None], -jnp.inf, blk)
-    vals, idx = jax.lax.top_k(blk, min(cfg.topk, nb))
+    blk = jnp.where(future, -jnp.inf, blk)
+    vals, idx = jax.lax.top_k(blk, min(k_top, nb))
     picked = jnp.zeros((hkv, tq, nb), bool).at[
         jnp.arange(hkv)[:, None, None], jnp.arange(tq)[None, :, None], idx].set(vals > -jnp.inf)
-    return picked | in_win[None]
+    return picked | extra
 
 
 def _attend_one(q, k, v, t, sel, bs):

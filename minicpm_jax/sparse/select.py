@@ -3,21 +3,26 @@
 The selection is computed for chunks of queries at a time, so the per-head score tensor is [B, Hq, chunk, kernels]
 instead of [B, Hq, T, kernels]. Everything here runs under `stop_gradient`: selection is not differentiable.
 
-Semantics (MiniCPM4, June 2025; spec §2.2-2.3), for a query at absolute position t, qb = t // block_size,
-n = window_size // block_size:
+Semantics (spec §2.2-2.3), for a query at absolute position t, qb = t // block_size, in the form both variants
+share (`cfg.local_blocks` = n local blocks, `cfg.topk_slots` = k top-k slots; see SparseConfig):
   * kernel j is visible iff j*stride + kernel_size - 1 <= t;
   * per head, softmax of q.kc_j / sqrt(D) over visible kernels (or exp(. - LSE of the coarse kernels) with
     lse_approx), summed over the heads of the KV group;
   * block b scores the max over the visible kernels whose span meets the block (0 if none);
-  * init blocks b < init_blocks (b <= qb) enter top-k with +inf (so they count toward `topk`), the window
-    qb-n+1 .. qb and future blocks with -inf; the top `topk` blocks with a finite-or-+inf score are kept;
-  * attended set = top-k picks ∪ window.
+  * init blocks b < init_blocks (b <= qb) enter top-k with +inf (so they count toward k), the local band
+    qb-n+1 .. qb and future blocks with -inf; the top k blocks with a finite-or-+inf score are kept;
+  * attended set = top-k picks ∪ local band.
+"minicpm4" is this form with n = window_size // block_size and k = topk. "minicpm4.1" (init and the n'+1 blocks
+qb-n' .. qb forced +inf in a top-(topk + n'), n' = window_size // block_size) attends exactly the blocks of this
+form with n = n' + 1 and k = topk - 1: the forced blocks are the same, and both leave topk - 1 - init_blocks slots
+(fewer near the start) to the best-scored other blocks, which top-k orders the same way (the reference implements
+the folded top-k directly; the tests hold the two to each other).
 
 Block lists (what the XLA path and the kernels consume):
-  idx   [B, Hkv, Tq, k_max] int32, k_max = min(topk, n_blocks) + n: the top-k picks first (descending score,
-        valid ones first), then the window blocks qb, qb-1, ... >= init_blocks; entries past `count` repeat qb.
+  idx   [B, Hkv, Tq, k_max] int32, k_max = min(k, n_blocks) + n: the top-k picks first (descending score,
+        valid ones first), then the local blocks qb, qb-1, ... >= init_blocks; entries past `count` repeat qb.
   count [B, Hkv, Tq] int32: valid entries (>= 1: qb is always attended).
-  n_top [B, Hkv, Tq] int32: how many of the valid entries are top-k picks (the rest is the window).
+  n_top [B, Hkv, Tq] int32: how many of the valid entries are top-k picks (the rest is the local band).
 Every listed block is distinct and <= qb; only block qb needs the token-level causal mask.
 """
 
@@ -46,7 +51,7 @@ def num_blocks(length: int, cfg: SparseConfig) -> int:
 
 def k_max(n_blocks: int, cfg: SparseConfig) -> int:
     """Static length of a block list: top-k picks plus the window."""
-    return min(cfg.topk, n_blocks) + cfg.window_blocks
+    return min(cfg.topk_slots, n_blocks) + cfg.local_blocks
 
 
 def pool_to_blocks(s: jax.Array, n_blocks: int, cfg: SparseConfig) -> jax.Array:
@@ -123,21 +128,21 @@ def kernel_scores(q: jax.Array, kc: jax.Array, t: jax.Array, cfg: SparseConfig, 
 
 def lists_from_block_scores(blk: jax.Array, t: jax.Array, cfg: SparseConfig,
                             n_blocks: Optional[int] = None) -> BlockLists:
-    """Top-k with forced init (+inf) / window and future (-inf) blocks, then append the window.
+    """Top-k with forced init (+inf) / local-band and future (-inf) blocks, then append the local band.
 
     blk: [B, Hkv, C, NB] block scores, t: [B, C] positions -> BlockLists for these C queries.
     n_blocks: blocks of the whole sequence when blk holds only the first NB of them (the rest are future blocks
     of every query here; the list length k_max still follows n_blocks). NB must be >= min(topk, n_blocks).
     """
     nb = blk.shape[-1] if n_blocks is None else n_blocks
-    n = cfg.window_blocks
+    n = cfg.local_blocks
     qb = (t // cfg.block_size)[:, None, :, None]  # [B, 1, C, 1]
     bidx = jnp.arange(blk.shape[-1])
     in_win = (bidx > qb - n) & (bidx <= qb)
     s = jnp.where(in_win, -jnp.inf, blk)
     s = jnp.where(bidx < cfg.init_blocks, jnp.inf, s)  # init wins over the window mask
     s = jnp.where(bidx > qb, -jnp.inf, s)              # never a future block
-    kt = min(cfg.topk, nb)
+    kt = min(cfg.topk_slots, nb)
     vals, picks = jax.lax.top_k(s, kt)  # descending: valid (> -inf) picks first; columns not in blk are future blocks
     cp = jnp.sum(vals > -jnp.inf, axis=-1).astype(jnp.int32)
     win = qb - jnp.arange(n)                            # qb, qb-1, ...: valid ones (>= init_blocks, >= 0) first
@@ -240,7 +245,7 @@ def _select_staged(q, kc, kc2, off: int, cfg: SparseConfig, nb: int, chunk: int,
     nc = -(-tq // c)
     ks, st = cfg.kernel_size, cfg.kernel_stride
     ks2, st2 = coarse_sizes(cfg)
-    kt = min(cfg.topk, nb)
+    kt = min(cfg.topk_slots, nb)
     edges = sorted({round(i * nc / stages) for i in range(stages + 1)})
     outs = []
     for a, e in zip(edges[:-1], edges[1:]):

@@ -124,7 +124,7 @@ def _rows_idx(x):
 def band_width(tk: int, chunk: int, cfg: SparseConfig) -> int:
     """Keys in the contiguous band covering the windows of `chunk` consecutive queries (clamped to Tk)."""
     bs = cfg.block_size
-    return min(tk, (cfg.window_blocks - 1 + (chunk - 1) // bs + 2) * bs)
+    return min(tk, (cfg.local_blocks - 1 + (chunk - 1) // bs + 2) * bs)
 
 
 def _init_len(tk: int, cfg: SparseConfig) -> int:
@@ -134,7 +134,7 @@ def _init_len(tk: int, cfg: SparseConfig) -> int:
 def _shared_keys(kr, vr, t0, cfg, w):
     """Init keys + window band for a chunk whose first query is at t0 [R]: K, V [R, NI+W, D], positions [R, NI+W]."""
     tk = kr.shape[1]
-    bs, n = cfg.block_size, cfg.window_blocks
+    bs, n = cfg.block_size, cfg.local_blocks
     ni = _init_len(tk, cfg)
     start = jnp.clip((t0 // bs - n + 1) * bs, 0, tk - w)
     band = lambda x: jax.vmap(lambda xx, st: jax.lax.dynamic_slice_in_dim(xx, st, w, axis=0))(x, start)
@@ -150,7 +150,7 @@ def _shared_keys(kr, vr, t0, cfg, w):
 def _shared_mask(pos, tc, cfg, ni):
     """[R, C, NI+W]: the NI init keys, or window keys (qb-n < b, b >= init_blocks: the band may also hold init
     blocks, masked there), and pos <= t."""
-    bs, n = cfg.block_size, cfg.window_blocks
+    bs, n = cfg.block_size, cfg.local_blocks
     kb = (pos // bs)[:, None, :]
     qb = (tc // bs)[:, :, None]
     ok = (kb > qb - n) & (kb >= cfg.init_blocks)
@@ -431,7 +431,7 @@ def _map_chunks(fn, xs, nc):
 
 def _make_schedule(lists: BlockLists, tk, cfg, tile, span):
     nb = num_blocks(tk, cfg)
-    kt = lists.idx.shape[-1] - cfg.window_blocks
+    kt = lists.idx.shape[-1] - cfg.local_blocks
     return _schedule(_rows_idx(lists.idx[..., :kt]), _rows_idx(lists.n_top), cfg, nb, tile, span)
 
 

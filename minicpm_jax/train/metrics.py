@@ -33,7 +33,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, sparse: bool = False) 
     attn_keys, score = float(t.mean()), 0.0
     if sparse:
         sc = cfg.sparse_config
-        attn_keys = float(np.minimum(t, (sc.topk + sc.window_blocks) * sc.block_size).mean())
+        attn_keys = float(np.minimum(t, (sc.topk_slots + sc.local_blocks) * sc.block_size).mean())
         score = 2.0 * cfg.hidden_size * float(np.maximum(0, (t - sc.kernel_size) // sc.kernel_stride + 1).mean())
     return 6.0 * matmul_params(cfg) + cfg.num_hidden_layers * (12.0 * cfg.hidden_size * attn_keys + score)
 

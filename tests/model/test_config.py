@@ -6,6 +6,7 @@ import json
 import pytest
 
 from minicpm_jax import ModelConfig, SparseConfig
+from minicpm_jax.sparse import config as sparse_config_module
 
 MINICPM4_8B_JSON = {
     "architectures": ["MiniCPMForCausalLM"], "auto_map": {"AutoConfig": "configuration_minicpm.MiniCPMConfig"},
@@ -27,10 +28,31 @@ def test_hf_dict_round_trip_keeps_unknown_keys():
     assert cfg.sparse_config == SparseConfig()
     assert cfg.eos_ids == (2, 73440) and cfg.head_dim == 128 and cfg.num_groups == 16
     out = cfg.to_hf_dict()
+    # the variant the config loaded as is written out, so a reload (here or by another reader) runs the same function
+    assert out["sparse_config"].pop("variant") == "minicpm4.1" and out["sparse_config"].pop("lse_approx") is True
     for k, v in MINICPM4_8B_JSON.items():
         assert json.loads(json.dumps(out[k])) == v, k
+    out = cfg.to_hf_dict()
     assert ModelConfig.from_hf_dict(out) == cfg
     assert hash(cfg) == hash(ModelConfig.from_hf_dict(out))     # usable as a jit static argument
+
+
+def test_sparse_variant_round_trips_and_an_unnamed_one_loads_as_minicpm4_1(caplog, monkeypatch):
+    base = MINICPM4_8B_JSON["sparse_config"]
+    monkeypatch.setattr(sparse_config_module, "_said_default", False)
+    with caplog.at_level("WARNING", logger="minicpm_jax.sparse.config"):
+        assert SparseConfig.from_hf_dict(base).variant == "minicpm4.1"
+        assert SparseConfig.from_hf_dict(base).lse_approx is True
+    said = [r.getMessage() for r in caplog.records if "names no InfLLM v2 variant" in r.getMessage()]
+    assert len(said) == 1 and "'minicpm4'" in said[0]                      # once, and how to choose the other
+    june = SparseConfig.from_hf_dict({**base, "variant": "minicpm4"})
+    assert june.variant == "minicpm4" and june.lse_approx is False          # the variant's own default
+    assert SparseConfig.from_hf_dict(june.to_hf_dict()) == june
+    assert SparseConfig.from_hf_dict({**base, "variant": "minicpm4", "lse_approx": True}).lse_approx is True
+    cfg = ModelConfig.minicpm4_8b().replace(sparse_config={"variant": "minicpm4"})
+    assert cfg.sparse_config.lse_approx is False and cfg.sparse_config.topk == 64   # other keys kept
+    with pytest.raises(ValueError, match="variant must be one of"):
+        SparseConfig.from_hf_dict({**base, "variant": "minicpm5"})
 
 
 def test_missing_keys_take_hf_defaults():

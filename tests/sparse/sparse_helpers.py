@@ -10,8 +10,10 @@ from minicpm_jax.sparse import SparseConfig
 from minicpm_jax.sparse.reference import block_scores_reference
 
 # Scaled-down MiniCPM4 geometry (block 64 / kernel 32 / stride 16 / window 32 blocks / topk 64), same ratios
-# for the stages that matter (kernel = block/2, stride = block/4) so the 5/4/1 max-pool is exercised.
-SMALL = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=3, dense_len=0)
+# for the stages that matter (kernel = block/2, stride = block/4) so the 5/4/1 max-pool is exercised. June-2025
+# semantics; both variants, against a brute force of their own, are in test_variants.py.
+SMALL = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=3, dense_len=0,
+                     variant="minicpm4")
 
 
 def planted(seed: int, b: int, t: int, hq: int, hkv: int, d: int, cfg: SparseConfig, *, tq: int | None = None,
@@ -44,8 +46,8 @@ def selection_margin(q, k, cfg: SparseConfig, q_offset=None) -> float:
         for ti in range(tq):
             qb = pos[bi, ti] // cfg.block_size
             n_init = min(cfg.init_blocks, qb + 1)
-            cand = [j for j in range(min(qb + 1, nb)) if j >= cfg.init_blocks and j <= qb - cfg.window_blocks]
-            slots = cfg.topk - n_init
+            cand = [j for j in range(min(qb + 1, nb)) if j >= cfg.init_blocks and j <= qb - cfg.local_blocks]
+            slots = cfg.topk_slots - n_init
             if len(cand) <= slots:
                 continue
             for g in range(hkv):

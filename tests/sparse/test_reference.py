@@ -62,8 +62,7 @@ def test_reference_selection_matches_spec_brute_force(hq, hkv):
 
 
 def test_topk_counts_init_blocks_and_window_is_separate():
-    cfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=3,
-                       dense_len=0)
+    cfg = SMALL
     q, k, _ = planted(0, 1, 160, 2, 1, 8, cfg)
     sel = np.asarray(select_blocks(q, k, cfg, impl="reference"))[0, 0]  # [T, NB]
     for t in range(160):
