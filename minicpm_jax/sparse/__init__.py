@@ -1,4 +1,4 @@
-"""InfLLM v2 trainable sparse attention (MiniCPM4, June-2025 semantics): reference, XLA path, Pallas kernels.
+"""InfLLM v2 trainable sparse attention, both released variants: reference, XLA path, Pallas kernels.
 
 Public API (the model calls these; details in dispatch.py, decode.py, compress.py):
   SparseConfig                                   config.py (HF `sparse_config` names)
@@ -25,9 +25,13 @@ selection under stop_gradient. Packed rows (segment ids marking several document
 grid, init block and window are defined from a sequence's position 0, so sparse attention needs one document
 per row.
 
-Decisions where the sources leave room (spec §2, §8): group scores are summed (ranking = averaged); the June-2025
-window (blocks qb-n+1..qb, outside top-k, init blocks counted in top-k); with lse_approx, before any coarse kernel
-is complete the exact fine-kernel normaliser is used.
+Variants (`SparseConfig.variant`, spec §2.3): "minicpm4" (June 2025: window qb-n+1..qb outside a top-`topk` that
+counts the init blocks; exact softmax normaliser by default) and "minicpm4.1" (official kernels since 2025-08-25,
+the default and what an HF config without `variant` loads as: init and the n+1 local blocks qb-n..qb forced inside a
+top-(topk+n); coarse-kernel LSE normaliser by default). Every impl runs both, exactly.
+
+Decisions where the sources leave room (spec §2, §8): group scores are summed (ranking = averaged); with
+lse_approx, before any coarse kernel is complete the exact fine-kernel normaliser is used.
 """
 
 from minicpm_jax.sparse.compress import (CompressedKeyCache, compressed_cache_from_keys, init_compressed_cache,
