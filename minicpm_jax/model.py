@@ -29,7 +29,7 @@ from minicpm_jax.config import ModelConfig
 from minicpm_jax.kv_cache import write_rows
 from minicpm_jax.layers import MLP, Projection, RMSNorm, dtype_of, hidden_init_std
 from minicpm_jax.rope import apply_rope, rope_cos_sin
-from minicpm_jax.sharding import LOGICAL_RULES, logical_shardings
+from minicpm_jax.sharding import LOGICAL_RULES, logical_shardings, sparse_layout
 
 CACHE_MODES = ("none", "prefill", "decode")
 
@@ -47,6 +47,12 @@ def _select_rows(use_rows: jnp.ndarray, dense_fn, sparse_fn):
         return jnp.where(use_rows[:, None, None, None], sparse_fn(), dense_fn())
     branch = jnp.where(jnp.all(use_rows), 2, jnp.where(jnp.any(use_rows), 1, 0))
     return jax.lax.switch(branch, [dense_fn, mixed, sparse_fn])
+
+
+def _sharded(batch: int, num_kv_heads: int) -> dict:
+    """Mesh arguments of the sparse dispatch: on a mesh it runs per shard (rows, whole KV groups); {} off one."""
+    layout = sparse_layout(batch, num_kv_heads)
+    return {} if layout is None else layout._asdict()
 
 
 class Attention(nn.Module):
@@ -98,7 +104,12 @@ class Attention(nn.Module):
         score = dict(q_score=q_nope, k_score=k_nope) if scfg.use_nope else {}
 
         def sparse():
-            return sp.infllm_v2_attention(q, k, v, scfg, impl=plan.impl, segment_ids=segment_ids, **score)
+            # the layouts on both sides are pinned, so that the sparse one (rows over the tensor axis when it cannot
+            # split KV groups) does not propagate into the projections: XLA then moves q/k/v by all-to-all
+            vv = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
+            out = sp.infllm_v2_attention(q, k, vv, scfg, impl=plan.impl, segment_ids=segment_ids,
+                                         **_sharded(q.shape[0], k.shape[2]), **score)
+            return nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
         if not plan.per_row or valid_lengths is None:
             return sparse()
         return _select_rows(valid_lengths >= scfg.dense_len, dense, sparse)   # HF decides per sequence
@@ -118,7 +129,8 @@ class Attention(nn.Module):
         sc = sp.update_compressed_cache(sc, kc, valid_lengths, scfg)
 
         def sparse():
-            return sp.infllm_v2_decode(q, kc, vc, valid_lengths, sc, scfg, impl=cfg.sparse_impl)
+            return sp.infllm_v2_decode(q, kc, vc, valid_lengths, sc, scfg, impl=cfg.sparse_impl,
+                                       **_sharded(q.shape[0], kc.shape[2]))
         if self.attention == "dense":              # compressed keys stay in sync for a later switch
             return dense(), sc
         if self.attention == "sparse" or scfg.always_sparse:

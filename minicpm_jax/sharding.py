@@ -9,7 +9,7 @@ axis of 4 stay replicated) rather than failing deep inside XLA.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -119,3 +119,42 @@ def axis_rules():
 def with_shardings(abstract, shardings):
     """ShapeDtypeStructs of `abstract` carrying `shardings` (restore / lowering targets; no memory allocated)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class SparseLayout(NamedTuple):
+    """How InfLLM v2 runs on the current mesh: under `jax.shard_map`, rows over `batch_axes`, whole KV groups (a KV
+    head with all its query heads) over `head_axes`."""
+
+    mesh: Any
+    batch_axes: tuple[str, ...]
+    head_axes: tuple[str, ...]
+
+
+def sparse_layout(batch: int, num_kv_heads: int, mesh=None) -> Optional[SparseLayout]:
+    """The per-shard layout of sparse attention for `batch` rows and `num_kv_heads` groups, or None off a mesh.
+
+    Block selection is shared by the query heads of a KV group, so a group is never split across devices: the
+    tensor axis shards KV heads when it divides them, and otherwise shards rows instead (the dense layout's
+    head-sharded q/k/v reach it by an all-to-all, not an all-gather), so no score has to be summed across devices.
+    Axes that divide neither stay replicated (every device on them computes the same rows). `mesh`: default the
+    context mesh of `jax.set_mesh`.
+    """
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    batch_axes, rows = [], batch
+    for a in _mesh_axes_for("batch", LOGICAL_RULES):
+        if a in mesh.shape and mesh.shape[a] > 1 and rows % mesh.shape[a] == 0:
+            batch_axes.append(a)
+            rows //= mesh.shape[a]
+    head_axes, groups = [], num_kv_heads
+    for a in _mesh_axes_for("kv_heads", LOGICAL_RULES):
+        if a not in mesh.shape or mesh.shape[a] == 1 or a in batch_axes:
+            continue
+        if groups % mesh.shape[a] == 0:
+            head_axes.append(a)
+            groups //= mesh.shape[a]
+        elif rows % mesh.shape[a] == 0:
+            batch_axes.append(a)
+            rows //= mesh.shape[a]
+    return SparseLayout(mesh, tuple(batch_axes), tuple(head_axes))

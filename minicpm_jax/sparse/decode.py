@@ -13,9 +13,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from minicpm_jax.sparse.compress import CompressedKeyCache
 from minicpm_jax.sparse.config import SparseConfig
+from minicpm_jax.sparse.dispatch import shard_axes as _axes
 from minicpm_jax.sparse.reference import infllm_v2_reference
 from minicpm_jax.sparse.select import BlockLists, select_block_lists, validate_shapes
 from minicpm_jax.sparse.xla import sparse_attention_xla
@@ -40,6 +42,8 @@ def infllm_v2_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     ccache: compressed cache of the scoring keys (post-RoPE keys, or the pre-RoPE ones when cfg.use_nope; ignored
     by impl="reference", which recomputes kernels from k_score_cache, default k_cache).
     q_score: scoring query (pre-RoPE when cfg.use_nope), default q. Returns [B,1,Hq,D] in q.dtype.
+    mesh/batch_axes/head_axes: run per shard under `jax.shard_map` (rows, whole KV groups), as in
+    `infllm_v2_attention`.
     """
     validate_shapes(q, k_cache, v_cache)
     if q.shape[1] != 1:
@@ -54,13 +58,24 @@ def infllm_v2_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
         raise ValueError("impl='xla'/'pallas' decode needs the compressed key cache (see compressed_cache_from_keys)")
     if impl not in ("xla", "pallas"):
         raise ValueError(f"impl must be 'reference', 'xla' or 'pallas', got {impl!r}")
-    opts = (("interpret", interpret), ("backend", pallas_backend), ("num_splits", num_splits), ("mesh", mesh),
-            ("batch_axes", batch_axes), ("head_axes", head_axes))
-    return _decode_jit(q, qs, k_cache, v_cache, lengths, ccache, cfg, impl, opts)
+    opts = (("interpret", interpret), ("backend", pallas_backend), ("num_splits", num_splits))
+    shards = None if mesh is None else (mesh, _axes(batch_axes), _axes(head_axes))
+    return _decode_jit(q, qs, k_cache, v_cache, lengths, ccache, cfg=cfg, impl=impl, opts=opts, shards=shards)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "opts"))
-def _decode_jit(q, qs, k_cache, v_cache, lengths, ccache, cfg, impl, opts):
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "opts", "shards"))
+def _decode_jit(q, qs, k_cache, v_cache, lengths, ccache, *, cfg, impl, opts, shards):
+    fn = functools.partial(_decode_local, cfg=cfg, impl=impl, opts=opts)
+    if shards is not None:
+        mesh, rows, heads = shards
+        x, r = P(rows, None, heads, None), P(rows)
+        cc = CompressedKeyCache(x, r, None if ccache.kc2 is None else x, None if ccache.count2 is None else r)
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(x, x, x, x, r, cc), out_specs=x, check_vma=False)
+    return fn(q, qs, k_cache, v_cache, lengths, ccache)
+
+
+def _decode_local(q, qs, k_cache, v_cache, lengths, ccache, *, cfg, impl, opts):
+    """Selection against the compressed cache + attention, on the rows and groups at hand."""
     o = dict(opts)
     t = (lengths - 1)[:, None]
     lists = decode_block_lists(qs, k_cache, lengths, ccache, cfg)
@@ -69,5 +84,4 @@ def _decode_jit(q, qs, k_cache, v_cache, lengths, ccache, cfg, impl, opts):
     from minicpm_jax.sparse.pallas import sparse_decode_pallas   # loads the Pallas GPU/TPU kernels only when used
 
     return sparse_decode_pallas(q, k_cache, v_cache, lists, t, cfg, interpret=o["interpret"], backend=o["backend"],
-                                num_splits=o["num_splits"], mesh=o["mesh"], batch_axes=o["batch_axes"],
-                                head_axes=o["head_axes"])
+                                num_splits=o["num_splits"])

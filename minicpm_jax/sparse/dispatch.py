@@ -15,6 +15,8 @@ import functools
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from minicpm_jax.attention_plan import check_one_document_per_row
 from minicpm_jax.sparse.config import SparseConfig
@@ -54,8 +56,10 @@ def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseCon
     segment_ids: must be None (or one document per row), see `attention_plan.check_one_document_per_row`.
     chunk, tile, span: XLA path tiling (see sparse_attention_xla): queries per step of the init+window part,
     (query, block) pairs per top-k step, queries whose top-k sums share one buffer.
-    Pallas only: interpret (default: True off GPU/TPU), pallas_backend ("triton" | "mosaic_tpu"), and
-    mesh/batch_axes/head_axes to run the kernels under jax.shard_map for sharded inputs.
+    Pallas only: interpret (default: True off GPU/TPU), pallas_backend ("triton" | "mosaic_tpu").
+    mesh/batch_axes/head_axes (any impl): run selection and attention per shard under `jax.shard_map`, rows over
+    batch_axes and whole KV groups over head_axes (see `sharding.sparse_layout`), so nothing crosses a row or a
+    group; without them the whole computation sees global arrays (one device, or XLA's own partitioning).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -63,16 +67,44 @@ def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseCon
     check_one_document_per_row(segment_ids)
     qs = q if q_score is None else q_score
     ks = k if k_score is None else k_score
+    static_offset = q_offset is None or isinstance(q_offset, int)
+    offset = None if static_offset else jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32).reshape(-1), q.shape[:1])
+    opts = (("chunk", chunk), ("tile", tile), ("span", span), ("select_chunk", select_chunk), ("interpret", interpret),
+            ("backend", pallas_backend), ("q_offset", q_offset if static_offset else None))
+    shards = None if mesh is None else (mesh, shard_axes(batch_axes), shard_axes(head_axes))
+    return _sparse_jit(q, k, v, qs, ks, offset, cfg=cfg, impl=impl, opts=opts, shards=shards)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "opts", "shards"))
+def _sparse_jit(q, k, v, qs, ks, offset, *, cfg, impl, opts, shards):
+    fn = functools.partial(_sparse_local, cfg=cfg, impl=impl, opts=opts)
+    args = (q, k, v, qs, ks) + (() if offset is None else (offset,))
+    if shards is not None:
+        fn = _per_shard(fn, *shards, with_offset=offset is not None)
+    return fn(*args)
+
+
+def shard_axes(a):
+    """None, one axis name or a tuple of them -> a hashable PartitionSpec entry."""
+    if not a:
+        return None
+    return a if isinstance(a, str) else (tuple(a) if len(a) > 1 else a[0])
+
+
+def _per_shard(fn, mesh, batch_axes, head_axes, *, with_offset: bool):
+    """fn under shard_map: q/k/v/q_score/k_score split by rows and KV heads (a group's query heads stay together,
+    since Hq = G * Hkv is head-major per group), per-row offsets by rows."""
+    x = P(batch_axes, None, head_axes, None)
+    specs = (x,) * 5 + ((P(batch_axes),) if with_offset else ())
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=x, check_vma=False)
+
+
+def _sparse_local(q, k, v, qs, ks, offset=None, *, cfg, impl, opts):
+    """Selection + attention on the rows and groups at hand (all of them, or one shard's)."""
+    o = dict(opts)
+    q_offset = o["q_offset"] if offset is None else offset
     if impl == "reference":
         return infllm_v2_reference(q, k, v, cfg, q_score=qs, k_score=ks, q_offset=q_offset)
-    opts = (("chunk", chunk), ("tile", tile), ("span", span), ("select_chunk", select_chunk), ("interpret", interpret),
-            ("backend", pallas_backend), ("mesh", mesh), ("batch_axes", batch_axes), ("head_axes", head_axes))
-    return _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "opts"))
-def _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts):
-    o = dict(opts)
     b, tq = q.shape[:2]
     t = query_positions(b, tq, k.shape[1], q_offset)
     lists = select_block_lists(qs, ks, cfg, q_offset=q_offset, chunk=o["select_chunk"])
@@ -80,5 +112,4 @@ def _sparse_jit(q, k, v, qs, ks, q_offset, cfg, impl, opts):
         return sparse_attention_xla(q, k, v, lists, t, cfg, chunk=o["chunk"], tile=o["tile"], span=o["span"])
     from minicpm_jax.sparse.pallas import sparse_attention_pallas   # loads the Pallas GPU/TPU kernels only when used
 
-    return sparse_attention_pallas(q, k, v, lists, t, cfg, interpret=o["interpret"], backend=o["backend"],
-                                   mesh=o["mesh"], batch_axes=o["batch_axes"], head_axes=o["head_axes"])
+    return sparse_attention_pallas(q, k, v, lists, t, cfg, interpret=o["interpret"], backend=o["backend"])

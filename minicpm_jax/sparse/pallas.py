@@ -5,10 +5,10 @@ kernels, infllm_v2_tpu_{fwd,bwd,decode}.py; the default when jax.default_backend
 interpret mode off its hardware (interpret=None picks it), so CPU tests exercise both; the TPU kernels are
 verified only that way (and by lowering to Mosaic), not on a TPU.
 
-The kernels know arrays and block ids only. Here the selection result (select.py) is handed to them, and for
-sharded inputs each kernel runs per shard inside `jax.shard_map` (a bare pallas_call on sharded arrays is silently
-all-gathered under an Auto mesh and rejected under an Explicit one, jax-notes §4.5). Batch shards over
-`batch_axes`; KV heads, and with them their query-head groups, over `head_axes` (Hkv must divide evenly).
+The kernels know arrays and block ids only. Here the selection result (select.py) is handed to them. They take one
+device's arrays: on a mesh, dispatch.py / decode.py run selection and kernels per shard inside `jax.shard_map` (a
+bare pallas_call on sharded arrays is silently all-gathered under an Auto mesh and rejected under an Explicit one,
+jax-notes §4.5).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-from jax.sharding import PartitionSpec as P
 
 from minicpm_jax.sparse.config import SparseConfig
 from minicpm_jax.sparse.select import BlockLists
@@ -38,33 +37,17 @@ def _backend(backend: Optional[str]) -> str:
     return backend
 
 
-def _maybe_shard(fn, mesh, batch_axes, head_axes, n_args_qkv: int):
-    if mesh is None:
-        return fn
-    qkv = P(batch_axes, None, head_axes, None)
-    lists = (P(batch_axes, head_axes, None, None), P(batch_axes, head_axes, None))
-    specs = (qkv,) * n_args_qkv + lists + (P(batch_axes, None),)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)
+def sparse_attention_pallas(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, interpret=None, backend=None):
+    """Differentiable Pallas block-sparse attention over precomputed block lists. Shapes as in xla.py.
 
-
-def sparse_attention_pallas(q, k, v, lists: BlockLists, t, cfg: SparseConfig, *, interpret=None, backend=None,
-                            mesh=None, batch_axes=None, head_axes=None):
-    """Differentiable Pallas block-sparse attention over precomputed block lists. Shapes as in xla.py."""
+    Takes the arrays of one device: on a mesh the caller (`dispatch.infllm_v2_attention`) runs it per shard."""
     kernel = infllm_v2_tpu_attention if _backend(backend) == "mosaic_tpu" else infllm_v2_attention_pallas
-
-    def run(q_, k_, v_, idx, count, pos):
-        return kernel(q_, k_, v_, idx, count, pos, block_size=cfg.block_size, interpret=interpret)
-
-    return _maybe_shard(run, mesh, batch_axes, head_axes, 3)(q, k, v, lists.idx, lists.count, t)
+    return kernel(q, k, v, lists.idx, lists.count, t, block_size=cfg.block_size, interpret=interpret)
 
 
 def sparse_decode_pallas(q, k_cache, v_cache, lists: BlockLists, t, cfg: SparseConfig, *, interpret=None,
-                         backend=None, num_splits=None, mesh=None, batch_axes=None, head_axes=None):
-    """Pallas sparse decode: q [B,1,Hq,D] over the cache with block lists [B,Hkv,1,K]."""
+                         backend=None, num_splits=None):
+    """Pallas sparse decode: q [B,1,Hq,D] over the cache with block lists [B,Hkv,1,K] (one device's arrays)."""
     kernel = infllm_v2_tpu_decode_kernel if _backend(backend) == "mosaic_tpu" else infllm_v2_decode_kernel
-
-    def run(q_, k_, v_, idx, count, pos):
-        return kernel(q_, k_, v_, idx, count, pos, block_size=cfg.block_size, num_splits=num_splits,
-                      interpret=interpret)
-
-    return _maybe_shard(run, mesh, batch_axes, head_axes, 3)(q, k_cache, v_cache, lists.idx, lists.count, t)
+    return kernel(q, k_cache, v_cache, lists.idx, lists.count, t, block_size=cfg.block_size, num_splits=num_splits,
+                  interpret=interpret)
