@@ -15,12 +15,14 @@ loop, so both settings share one parameter layout. Caches are explicit pytrees p
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from minicpm_jax import sparse as sp
 from minicpm_jax.attention import dense_attention
@@ -29,7 +31,7 @@ from minicpm_jax.config import ModelConfig
 from minicpm_jax.kv_cache import write_rows
 from minicpm_jax.layers import MLP, Projection, RMSNorm, dtype_of, hidden_init_std
 from minicpm_jax.rope import apply_rope, rope_cos_sin
-from minicpm_jax.sharding import LOGICAL_RULES, logical_shardings, sparse_layout
+from minicpm_jax.sharding import LOGICAL_RULES, attention_layout, logical_shardings
 
 CACHE_MODES = ("none", "prefill", "decode")
 
@@ -49,10 +51,34 @@ def _select_rows(use_rows: jnp.ndarray, dense_fn, sparse_fn):
     return jax.lax.switch(branch, [dense_fn, mixed, sparse_fn])
 
 
-def _sharded(batch: int, num_kv_heads: int) -> dict:
-    """Mesh arguments of the sparse dispatch: on a mesh it runs per shard (rows, whole KV groups); {} off one."""
-    layout = sparse_layout(batch, num_kv_heads)
-    return {} if layout is None else layout._asdict()
+def _sparse_mesh_args(layout) -> dict:
+    """The sparse dispatch's mesh arguments (whole KV groups: batch_axes, head_axes)."""
+    return {} if layout is None else dict(mesh=layout.mesh, batch_axes=layout.batch_axes, head_axes=layout.head_axes)
+
+
+def _dense_per_shard(fn, layout, q, k, v, *rows):
+    """dense fn(q, k, v, *rows) per shard of `layout` (`sharding.attention_layout(..., split_groups=True)`): q
+    [B, T, Hq, D] by rows and query heads, k/v [B, S, Hkv, D] by rows and KV heads (all of them on an axis that
+    splits groups: each device then takes its heads' group), the [B, T] arguments (None allowed) by rows."""
+    ra = layout.batch_axes or None
+    xq, xkv, r = P(ra, None, layout.head_axes or None, None), P(ra, None, layout.kv_head_axes or None, None), P(ra, None)
+    given = [a for a in rows if a is not None]
+    hq_local = q.shape[2] // math.prod(layout.mesh.shape[a] for a in layout.head_axes)
+    group = q.shape[2] // k.shape[2]
+
+    def local(q_, k_, v_, *given_):
+        if layout.splits_groups:   # this device's query heads all lie in KV group g
+            first_head = jax.lax.axis_index(layout.head_axes) * hq_local
+            k_, v_ = (jax.lax.dynamic_slice_in_dim(x, first_head // group, 1, axis=2) for x in (k_, v_))
+        it = iter(given_)
+        return fn(q_, k_, v_, *(None if a is None else next(it) for a in rows))
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=(xq, xkv, xkv) + (r,) * len(given), out_specs=xq,
+                         check_vma=False)(q, k, v, *given)
+
+
+def _unpin(out, layout):
+    """The attention output back in the projections' layout, so the attention layout does not propagate into them."""
+    return out if layout is None else nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
 
 
 class Attention(nn.Module):
@@ -95,21 +121,27 @@ class Attention(nn.Module):
     def _attend_fresh(self, q, k, v, q_nope, k_nope, q_slot, segment_ids, valid_lengths):
         """Prefill / training: queries are all positions of the fresh keys."""
         cfg = self.cfg
-        dense = functools.partial(dense_attention, q, k, v, q_slot, segment_ids, segment_ids,
-                                  chunk_size=cfg.attention_chunk_size)
+        b, _, hq, _ = q.shape
+        hkv = k.shape[2]
         plan = plan_attention(cfg, self.attention, k.shape[1])
+        v = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
+
+        def dense():
+            fn = functools.partial(dense_attention, chunk_size=cfg.attention_chunk_size)
+            layout = attention_layout(b, hq, hkv, split_groups=True)
+            if layout is None:
+                return fn(q, k, v, q_slot, segment_ids, segment_ids)
+            return _unpin(_dense_per_shard(fn, layout, q, k, v, q_slot, segment_ids, segment_ids), layout)
         if not plan.sparse:
             return dense()
         scfg = cfg.sparse_config
         score = dict(q_score=q_nope, k_score=k_nope) if scfg.use_nope else {}
 
         def sparse():
-            # the layouts on both sides are pinned, so that the sparse one (rows over the tensor axis when it cannot
-            # split KV groups) does not propagate into the projections: XLA then moves q/k/v by all-to-all
-            vv = nn.with_logical_constraint(v, ("batch", "seq", "kv_heads", "head_dim"))
-            out = sp.infllm_v2_attention(q, k, vv, scfg, impl=plan.impl, segment_ids=segment_ids,
-                                         **_sharded(q.shape[0], k.shape[2]), **score)
-            return nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
+            layout = attention_layout(b, hq, hkv)
+            out = sp.infllm_v2_attention(q, k, v, scfg, impl=plan.impl, segment_ids=segment_ids,
+                                         **_sparse_mesh_args(layout), **score)
+            return _unpin(out, layout)
         if not plan.per_row or valid_lengths is None:
             return sparse()
         return _select_rows(valid_lengths >= scfg.dense_len, dense, sparse)   # HF decides per sequence
@@ -129,8 +161,9 @@ class Attention(nn.Module):
         sc = sp.update_compressed_cache(sc, kc, valid_lengths, scfg)
 
         def sparse():
+            layout = attention_layout(q.shape[0], q.shape[2], kc.shape[2])
             return sp.infllm_v2_decode(q, kc, vc, valid_lengths, sc, scfg, impl=cfg.sparse_impl,
-                                       **_sharded(q.shape[0], kc.shape[2]))
+                                       **_sparse_mesh_args(layout))
         if self.attention == "dense":              # compressed keys stay in sync for a later switch
             return dense(), sc
         if self.attention == "sparse" or scfg.always_sparse:

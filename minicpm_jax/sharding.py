@@ -121,22 +121,33 @@ def with_shardings(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-class SparseLayout(NamedTuple):
-    """How InfLLM v2 runs on the current mesh: under `jax.shard_map`, rows over `batch_axes`, whole KV groups (a KV
-    head with all its query heads) over `head_axes`."""
+class AttentionLayout(NamedTuple):
+    """How attention runs per shard on the current mesh: rows over `batch_axes`, query heads over `head_axes`, KV
+    heads over `kv_head_axes` (the same axes when whole KV groups are kept together; none when a group's query heads
+    are split and every device of the axis holds all KV heads)."""
 
     mesh: Any
     batch_axes: tuple[str, ...]
     head_axes: tuple[str, ...]
+    kv_head_axes: tuple[str, ...]
+
+    @property
+    def splits_groups(self) -> bool:
+        return self.head_axes != self.kv_head_axes
 
 
-def sparse_layout(batch: int, num_kv_heads: int, mesh=None) -> Optional[SparseLayout]:
-    """The per-shard layout of sparse attention for `batch` rows and `num_kv_heads` groups, or None off a mesh.
+def attention_layout(batch: int, num_heads: int, num_kv_heads: int, mesh=None, *,
+                     split_groups: bool = False) -> Optional[AttentionLayout]:
+    """The per-shard layout of attention for `batch` rows and `num_heads` / `num_kv_heads` heads, None off a mesh.
 
-    Block selection is shared by the query heads of a KV group, so a group is never split across devices: the
-    tensor axis shards KV heads when it divides them, and otherwise shards rows instead (the dense layout's
-    head-sharded q/k/v reach it by an all-to-all, not an all-gather), so no score has to be summed across devices.
-    Axes that divide neither stay replicated (every device on them computes the same rows). `mesh`: default the
+    Rows go over the batch axes that divide them. The tensor axis shards KV heads, with their query heads, when it
+    divides them. When it does not (2 KV heads on a tensor axis of 4):
+      * split_groups=True (dense attention): it shards the query heads anyway, each device's heads lying in one
+        group, and every device holds all KV heads (as the projections already lay them out);
+      * split_groups=False (InfLLM v2: a group's heads share one block selection, and a split group would need its
+        scores summed across devices): it shards rows instead (q/k/v reach that layout by an all-to-all).
+    Left to itself, XLA's partitioner all-gathers keys across rows inside the attention loops in that case.
+    Axes that fit none of these stay replicated (every device on them computes the same rows). `mesh`: default the
     context mesh of `jax.set_mesh`.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
@@ -147,14 +158,21 @@ def sparse_layout(batch: int, num_kv_heads: int, mesh=None) -> Optional[SparseLa
         if a in mesh.shape and mesh.shape[a] > 1 and rows % mesh.shape[a] == 0:
             batch_axes.append(a)
             rows //= mesh.shape[a]
-    head_axes, groups = [], num_kv_heads
+    head_axes, kv_axes, heads, groups = [], [], num_heads, num_kv_heads
+    group_size = num_heads // num_kv_heads
     for a in _mesh_axes_for("kv_heads", LOGICAL_RULES):
-        if a not in mesh.shape or mesh.shape[a] == 1 or a in batch_axes:
+        n = mesh.shape.get(a, 1)
+        if n == 1 or a in batch_axes:
             continue
-        if groups % mesh.shape[a] == 0:
+        if groups % n == 0:
             head_axes.append(a)
-            groups //= mesh.shape[a]
-        elif rows % mesh.shape[a] == 0:
+            kv_axes.append(a)
+            groups //= n
+            heads //= n
+        elif split_groups and groups == num_kv_heads and heads % n == 0 and group_size % (heads // n) == 0:
+            head_axes.append(a)
+            heads //= n
+        elif rows % n == 0:
             batch_axes.append(a)
-            rows //= mesh.shape[a]
-    return SparseLayout(mesh, tuple(batch_axes), tuple(head_axes))
+            rows //= n
+    return AttentionLayout(mesh, tuple(batch_axes), tuple(head_axes), tuple(kv_axes))

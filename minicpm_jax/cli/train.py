@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import jax
 
@@ -33,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="compile the train step for the mesh and print memory")
     p.add_argument("--fake-devices", type=int, default=None, help="use N fake CPU devices (dry runs, tests)")
     p.add_argument("--processes", type=int, default=1, help="dry run: number of hosts the global batch spans")
+    p.add_argument("--dry-run-json", default=None, metavar="PATH",
+                   help="dry run: also write the report as JSON (exit status 1 when the step does not fit)")
     p.add_argument("--coordinator", default=None, help="multi-host: coordinator address host:port")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id")
@@ -44,8 +47,10 @@ def cmd_train(args) -> int:
     exp = load_experiment(args.config, args.overrides, coordinator=args.coordinator,
                           num_processes=args.num_processes, process_id=args.process_id)
     if args.dry_run:
-        dry_run(exp, processes=args.processes)
-        return 0
+        report = dry_run(exp, processes=args.processes)
+        if args.dry_run_json:
+            Path(args.dry_run_json).write_text(json.dumps(report, indent=1) + "\n")
+        return 1 if report["fits"] is False else 0
     if not sys.stderr.isatty():   # data preparation reports its steps as plain log lines instead of bars
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     main_job(exp)

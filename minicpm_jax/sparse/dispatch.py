@@ -58,7 +58,7 @@ def infllm_v2_attention(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseCon
     (query, block) pairs per top-k step, queries whose top-k sums share one buffer.
     Pallas only: interpret (default: True off GPU/TPU), pallas_backend ("triton" | "mosaic_tpu").
     mesh/batch_axes/head_axes (any impl): run selection and attention per shard under `jax.shard_map`, rows over
-    batch_axes and whole KV groups over head_axes (see `sharding.sparse_layout`), so nothing crosses a row or a
+    batch_axes and whole KV groups over head_axes (see `sharding.attention_layout`), so nothing crosses a row or a
     group; without them the whole computation sees global arrays (one device, or XLA's own partitioning).
     """
     if impl not in IMPLS:

@@ -67,13 +67,24 @@ class OptimConfig:
         _need(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
 
 
+# Memory per chip in bytes (vendor figures, decimal GB) for the dry run's fit check.
+ACCELERATORS = {"h100": 80e9, "h200": 141e9, "a100-80gb": 80e9, "a100-40gb": 40e9, "tpu-v4": 32e9, "tpu-v5e": 16e9,
+                "tpu-v5p": 95e9, "tpu-v6e": 32e9}
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; one may be -1 ("the rest of the devices")."""
+    """Device mesh sizes; one may be -1 ("the rest of the devices"). `accelerator`: the chip a pod config is sized
+    for (a key of ACCELERATORS); the dry run holds the step to 90 % of its memory."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    accelerator: Optional[str] = None
+
+    def __post_init__(self):
+        _need(self.accelerator is None or self.accelerator in ACCELERATORS, "mesh.accelerator",
+              f"must be one of {sorted(ACCELERATORS)} or null, got {self.accelerator!r}")
 
     def as_dict(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}

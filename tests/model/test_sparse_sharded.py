@@ -1,7 +1,7 @@
 """InfLLM v2 inside the model on a mesh of 8 fake devices: equal to one device, and no more all-gathers than dense.
 
 Meshes: fsdp = 8 (rows split 8 ways) and fsdp 2 x tensor 4 with the tiny model's 2 KV heads (the tensor axis cannot
-split KV groups, so the sparse path moves rows onto it instead: `sharding.sparse_layout`).
+split KV groups, so the sparse path moves rows onto it instead: `sharding.attention_layout`).
 """
 
 import jax
@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import minicpm_jax as mc
-from minicpm_jax.sharding import axis_rules, logical_to_spec, make_mesh, sparse_layout
+from minicpm_jax.sharding import axis_rules, logical_to_spec, make_mesh, attention_layout
 from minicpm_jax.train.collectives import collective_bytes
 from minicpm_jax.train.loss import loss_sum_and_count
 from minicpm_jax.train.step import build_step
@@ -48,11 +48,14 @@ def loss_and_grads(cfg, params, b):
 
 def test_layout_never_splits_a_kv_group():
     mesh = make_mesh({"fsdp": 2, "tensor": 4})
-    assert sparse_layout(8, 2, mesh)[1:] == (("fsdp", "tensor"), ())     # 2 groups on 4: rows instead
-    assert sparse_layout(8, 4, mesh)[1:] == (("fsdp",), ("tensor",))     # whole groups over tensor
-    assert sparse_layout(2, 2, mesh)[1:] == (("fsdp",), ())              # neither divides: tensor replicated
-    assert sparse_layout(8, 2, make_mesh({"fsdp": 8}))[1:] == (("fsdp",), ())
-    assert sparse_layout(8, 2, make_mesh({"fsdp": 1}, devices=jax.devices()[:1])) is None
+    assert attention_layout(8, 4, 2, mesh)[1:] == (("fsdp", "tensor"), (), ())   # 2 groups on 4: rows instead
+    assert attention_layout(8, 8, 4, mesh)[1:] == (("fsdp",), ("tensor",), ("tensor",))  # whole groups over tensor
+    assert attention_layout(2, 4, 2, mesh)[1:] == (("fsdp",), (), ())            # neither divides: replicated
+    assert attention_layout(8, 4, 2, make_mesh({"fsdp": 8}))[1:] == (("fsdp",), (), ())
+    assert attention_layout(8, 4, 2, make_mesh({"fsdp": 1}, devices=jax.devices()[:1])) is None
+    # dense attention may split a group: 32 query heads of 2 groups over 4 devices, each device within one group
+    dense = attention_layout(8, 32, 2, mesh, split_groups=True)
+    assert dense[1:] == (("fsdp",), ("tensor",), ()) and dense.splits_groups
 
 
 @pytest.mark.parametrize("mesh_name", MESHES)
@@ -117,13 +120,36 @@ def test_sharded_decode_equals_one_device(impl):
     cc = mc.sparse.compressed_cache_from_keys(kc, lengths, scfg)
     want = mc.sparse.infllm_v2_decode(q, kc, vc, lengths, cc, scfg, impl=impl)
     mesh = make_mesh({"fsdp": 4, "tensor": 2})
-    layout = sparse_layout(b, hkv, mesh)
+    layout = attention_layout(b, hq, hkv, mesh)
     assert layout.batch_axes == ("fsdp",) and layout.head_axes == ("tensor",)
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
     x = P("fsdp", None, "tensor", None)
     cc_s = jax.tree.map(lambda a: put(a, x if a.ndim == 4 else P("fsdp")), cc)
     with jax.set_mesh(mesh):
         got = mc.sparse.infllm_v2_decode(put(q, x), put(kc, x), put(vc, x), put(lengths, P("fsdp")), cc_s, scfg,
-                                         impl=impl, **layout._asdict())
+                                         impl=impl, mesh=mesh, batch_axes=layout.batch_axes,
+                                         head_axes=layout.head_axes)
     assert len(got.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_collective_bytes_counts_loop_bodies_per_trip():
+    text = "\n".join([
+        "HloModule m, entry_computation_layout={(f32[2]{0})->f32[2]{0}}",
+        "%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {",
+        "  %ag = f32[32]{0} all-gather(f32[4]{0} %x), replica_groups=[1,8]<=[8], dimensions={0}",
+        "}",
+        "%cond (p: (s32[], f32[4])) -> pred[] {",
+        "  ROOT %lt = pred[] compare(%i, %n), direction=LT",
+        "}",
+        "%branch (p: f32[4]) -> f32[4] {",
+        "  %ar = f32[4]{0} all-reduce(%p), replica_groups={{0,1}}, to_apply=%add",
+        "}",
+        "ENTRY %main (a: f32[2]) -> f32[2] {",
+        '  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"32"}}',
+        "  %c = f32[4] conditional(%i, %a, %a), branch_computations={%branch, %branch}",
+        "  %ag2 = f32[16]{0} all-gather(f32[2]{0} %a), replica_groups=[1,8]<=[8], dimensions={0}",
+        "}",
+    ])
+    got = collective_bytes(text)
+    assert got["all-gather"] == 32 * 32 * 4 + 16 * 4 and got["all-reduce"] == 4 * 4
