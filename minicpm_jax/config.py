@@ -317,7 +317,12 @@ class ModelConfig:
 
     @classmethod
     def minicpm4_8b(cls, **overrides) -> "ModelConfig":
-        """MiniCPM4-8B shapes (spec §1.1): untied head, InfLLM v2 sparse_config as published."""
+        """MiniCPM4-8B shapes (spec §1.1): untied head, InfLLM v2 sparse_config as published.
+
+        No rope_scaling: the factor list inside the released config.json is UNCONFIRMED (spec §1.4). A phase started
+        from a checkpoint (`train.init_from`) takes the checkpoint's own; `long_context_sparse.yaml` sets the published
+        128K LongRoPE list explicitly.
+        """
         base = cls(vocab_size=73448, hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=2, max_position_embeddings=32768,
                    initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=(2, 73440),

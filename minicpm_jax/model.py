@@ -103,7 +103,7 @@ class Attention(nn.Module):
 
         new_cache = None
         if self.cache_mode == "none":
-            out = self._attend_fresh(q, k, v, q_nope, k_nope, q_slot, segment_ids, None)
+            out = self._attend_fresh(q, k, v, q_nope, k_nope, q_slot, segment_ids, valid_lengths)
         else:
             kc, vc, sc = layer_cache
             kc, vc = write_rows(kc, k, write_start), write_rows(vc, v, write_start)
@@ -259,7 +259,8 @@ def default_positions(input_ids: jnp.ndarray) -> jnp.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention", "return_hidden"))
 def forward(params, cfg: ModelConfig, input_ids: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
-            segment_ids: Optional[jnp.ndarray] = None, attention: str = "auto", return_hidden: bool = False):
+            segment_ids: Optional[jnp.ndarray] = None, attention: str = "auto", return_hidden: bool = False,
+            valid_lengths: Optional[jnp.ndarray] = None):
     """Full-sequence forward pass (training / scoring).
 
     Args:
@@ -270,6 +271,10 @@ def forward(params, cfg: ModelConfig, input_ids: jnp.ndarray, positions: Optiona
       segment_ids: int [B, T] document ids of packed rows; a token attends only earlier tokens of its own segment.
       attention: "auto" (dense below sparse_config.dense_len total KV length, InfLLM v2 above), "dense", "sparse".
       return_hidden: return the final hidden state (already ÷ width_mult, before the head) instead of logits.
+      valid_lengths: int [B] or None, each row's true length when rows hold one document followed by padding (the
+        sparse path's batches). With attention="auto" a row shorter than sparse_config.dense_len then runs dense and
+        a longer one InfLLM v2, and LongRoPE picks its factor set on that length: what HF does for each sequence
+        alone. None: the padded length T decides for every row.
     Returns:
       float32 logits [B, T, vocab_size] (or the hidden state [B, T, hidden_size] in the compute dtype).
     """
@@ -278,7 +283,8 @@ def forward(params, cfg: ModelConfig, input_ids: jnp.ndarray, positions: Optiona
         positions = default_positions(input_ids)
     q_slot = default_positions(input_ids)
     out, _ = MiniCPM(cfg, attention).apply({"params": params}, input_ids, positions, q_slot,
-                                           segment_ids=segment_ids, return_hidden=return_hidden)
+                                           segment_ids=segment_ids, valid_lengths=valid_lengths,
+                                           kv_len=valid_lengths, return_hidden=return_hidden)
     return out
 
 

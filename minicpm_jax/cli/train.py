@@ -21,6 +21,7 @@ from minicpm_jax.train.config import ExperimentConfig
 from minicpm_jax.train.dry_run import dry_run
 from minicpm_jax.train.loop import TrainResult, init_distributed, run
 from minicpm_jax.train.metrics import plot_losses, read_metrics
+from minicpm_jax.train.phase import resolve_source_model
 from minicpm_jax.train.run_dir import RunLock
 from minicpm_jax.train.samples import sample_text
 
@@ -47,6 +48,10 @@ def cmd_train(args) -> int:
     exp = load_experiment(args.config, args.overrides, coordinator=args.coordinator,
                           num_processes=args.num_processes, process_id=args.process_id)
     if args.dry_run:
+        if exp.train.init_from is not None and Path(exp.train.init_from).exists():   # the model the run would train
+            exp, notes = resolve_source_model(exp)
+            for note in notes:
+                print(note)
         report = dry_run(exp, processes=args.processes)
         if args.dry_run_json:
             Path(args.dry_run_json).write_text(json.dumps(report, indent=1) + "\n")

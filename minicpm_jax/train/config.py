@@ -26,6 +26,15 @@ from minicpm_jax.model_spec import ModelSection
 
 DECAY_SHAPES = ("linear", "cosine", "exponential")
 
+# What a new phase (`train.init_from`) checks against its source's model config (`minicpm_jax.train.phase`).
+# The weights' shapes depend on these: they must agree, and cannot be overridden.
+INIT_FROM_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                          "num_key_value_heads", "tie_word_embeddings")
+# These change the forward pass of the same weights (RoPE, norms, μP scalars; max_position_embeddings only through
+# LongRoPE's scaling and factor choice): they must agree unless listed in train.init_from_override.
+INIT_FROM_MATH_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings", "rms_norm_eps", "scale_emb",
+                         "dim_model_base", "scale_depth")
+
 
 def _need(cond: bool, field: str, msg: str):
     if not cond:
@@ -121,8 +130,14 @@ class TrainLoopConfig:
     loss_chunk_size: int = 2048       # tokens per chunk of the cross-entropy (bounds the [tokens, vocab] logits)
     resume: bool = True               # continue from the latest checkpoint in output_dir if there is one
     overwrite: bool = False           # with resume=false over an existing run: move its files to <run>/previous-<n>/
-    init_from: Optional[str] = None   # start from these weights (HF dir or a run dir) with a fresh optimizer + schedule
+    # A new phase from a checkpoint (see minicpm_jax/train/phase.py): its model fields that the model section does
+    # not set come from the source's config; the ones it sets must agree with the source where they change the math
+    # (INIT_FROM_SHAPE_FIELDS, INIT_FROM_MATH_FIELDS) unless named in init_from_override.
+    init_from: Optional[str] = None   # start from these weights (HF dir or a run dir) with a new schedule
     init_from_step: Optional[int] = None  # which checkpoint of a run dir (default: latest)
+    init_from_override: tuple[str, ...] = ()  # INIT_FROM_MATH_FIELDS whose value in this config wins over the source's
+    init_from_optimizer: bool = False  # also continue the source run's Adam moments (run dir only); step and lr
+    #                                    schedule still start at 0 (WSD decay, context extension of a stable run)
     profile_steps: tuple[int, ...] = ()  # jax.profiler trace around these steps (written under output_dir/profile)
     sample_prompts: tuple[str, ...] = ("The history of", "中国的")
     sample_tokens: int = 48
@@ -136,6 +151,16 @@ class TrainLoopConfig:
             _need(getattr(self, f) >= 1, f"train.{f}", f"must be >= 1, got {getattr(self, f)}")
         _need(self.sample_temperature >= 0, "train.sample_temperature", f"must be >= 0, got {self.sample_temperature}")
         _need(0 < self.sample_top_p <= 1, "train.sample_top_p", f"must be in (0, 1], got {self.sample_top_p}")
+        for f in self.init_from_override:
+            _need(f not in INIT_FROM_SHAPE_FIELDS, "train.init_from_override",
+                  f"{f!r} cannot be overridden: the weights' shapes depend on it")
+            known = f in {x.name for x in dataclasses.fields(ModelConfig)}
+            _need(f in INIT_FROM_MATH_FIELDS, "train.init_from_override",
+                  (f"{f!r} is not checked against the source (a value this config sets is used as is)" if known else
+                   f"unknown field {f!r}") + f"; the fields it may name are {list(INIT_FROM_MATH_FIELDS)}")
+        for f in ("init_from_override", "init_from_optimizer"):
+            _need(not getattr(self, f) or self.init_from is not None, f"train.{f}",
+                  "only means something with train.init_from (the checkpoint a new phase starts from)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,7 @@ from minicpm_jax.config import ModelConfig
 from minicpm_jax.sharding import axis_rules, make_mesh
 from minicpm_jax.train.config import ExperimentConfig
 from minicpm_jax.train.metrics import MetricsWriter, peak_flops, to_python
+from minicpm_jax.train.phase import continue_optimizer, resolve_source_model
 from minicpm_jax.train.run_dir import (RunLock, move_old_run_aside, recorded_model, restore_or_stop,
                                        shape_differences, truncate_metrics)
 from minicpm_jax.train.step import BATCH_KEYS, StepSetup, build_step
@@ -106,7 +107,8 @@ def eval_loss(eval_fn, params, it, batches: int, sharding: NamedSharding, global
 
 
 def initial_params(exp: ExperimentConfig, setup: StepSetup):
-    """Fresh μP init, or the weights of `train.init_from` (HF dir or run dir) for a new phase."""
+    """Fresh μP init, or the weights of `train.init_from` (HF dir or run dir) for a new phase (its model config was
+    checked against the source's and completed from it first: `phase.resolve_source_model`)."""
     src, cfg = exp.train.init_from, setup.cfg
     if src is None:
         return setup.init_params(exp.seed)
@@ -118,6 +120,16 @@ def initial_params(exp: ExperimentConfig, setup: StepSetup):
         raise ValueError(f"train.init_from={src}: its weights do not fit model config (mismatched: {bad or 'tree'})")
     say(f"initialised from {w.describe()} (a new phase: fresh optimizer state and schedule)")
     return jax.tree.map(lambda x: x.astype(cfg.param_dtype), w.params)
+
+
+def initial_state(exp: ExperimentConfig, setup: StepSetup):
+    """Step 0 of a run: fresh Adam moments over `initial_params`, or (`train.init_from_optimizer`) the source run's
+    params and moments with a new schedule."""
+    if not exp.train.init_from_optimizer:
+        return setup.init_state(initial_params(exp, setup))
+    state, note = continue_optimizer(exp, setup)
+    say(note)
+    return state
 
 
 def special_token_ids(exp: ExperimentConfig, tokenizer) -> dict:
@@ -227,6 +239,9 @@ def absolute_paths(exp: ExperimentConfig) -> ExperimentConfig:
 
 def _run(exp: ExperimentConfig) -> TrainResult:
     exp = absolute_paths(exp)
+    exp, notes = resolve_source_model(exp)       # a new phase: check and complete the model config from its source
+    for note in notes:
+        say(note)
     pidx, pcount, main = jax.process_index(), jax.process_count(), jax.process_index() == 0
     paths = run_paths(exp.output_dir)
     mesh = make_mesh(exp.mesh.as_dict())
@@ -255,7 +270,7 @@ def _run(exp: ExperimentConfig) -> TrainResult:
             say(f"resumed from {paths['checkpoints']}/{start}")
         else:
             start = 0
-            state = setup.init_state(initial_params(exp, setup))
+            state = initial_state(exp, setup)
     except BaseException:
         ckpt.close()
         raise
@@ -281,6 +296,7 @@ def _run(exp: ExperimentConfig) -> TrainResult:
         say(f"attention: InfLLM v2 sparse ({setup.plan.impl}) at {seq_len} tokens (dense_len "
             f"{cfg.sparse_config.dense_len}); batches must hold one document per row")
     step, t_mark, steps_since = start, None, 0
+    interval_dense = []         # per-row plans: each step's dense_rows since t_mark (device scalars, read when logged)
     try:
         with jax.set_mesh(mesh), axis_rules():
             while step < exp.train.steps:
@@ -293,6 +309,8 @@ def _run(exp: ExperimentConfig) -> TrainResult:
                 state, metrics = setup.train_step(state, batch)
                 step += 1
                 steps_since += 1
+                if "dense_rows" in metrics:
+                    interval_dense.append(metrics["dense_rows"])
                 if step - 1 in exp.train.profile_steps:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
@@ -301,9 +319,11 @@ def _run(exp: ExperimentConfig) -> TrainResult:
                     now = time.perf_counter()
                     if t_mark is not None:               # the first interval includes compilation
                         dt = (now - t_mark) / steps_since
-                        m.update(step_time=dt, tokens_per_s=tokens_per_step / dt,
-                                 mfu=setup.flops_per_token * tokens_per_step / dt / peak)
-                    t_mark, steps_since = now, 0
+                        # rows that chose dense (shorter than dense_len) count dense attention, the rest InfLLM v2
+                        flops = (sum(setup.flops_per_step(float(d)) for d in jax.device_get(interval_dense))
+                                 if interval_dense else setup.flops_per_step() * steps_since)
+                        m.update(step_time=dt, tokens_per_s=tokens_per_step / dt, mfu=flops / (now - t_mark) / peak)
+                    t_mark, steps_since, interval_dense = now, 0, []
                     writer.write(step, "train", m)
                     if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
                         raise FloatingPointError(

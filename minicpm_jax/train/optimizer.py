@@ -3,7 +3,8 @@
 WSD (warmup-stable-decay, MiniCPM): linear warmup from init_lr to peak over `warmup_steps`, constant peak, then the
 last `decay_steps` of the run anneal to `final_lr_ratio * peak` with a linear, cosine or exponential shape. The
 schedule is a pure function of the step, so a resumed run continues it exactly; a new phase (annealing from a
-stable checkpoint, long-context extension) is a new run with `train.init_from` and its own schedule.
+stable checkpoint, long-context extension) is a new run with `train.init_from` and its own schedule, with fresh Adam
+moments or (`train.init_from_optimizer`) the source run's (`minicpm_jax.train.phase.continue_optimizer`).
 
 μP rule (MiniCPM-1 / Tensor Programs V, for Adam): with width multiplier m = hidden_size / dim_model_base, hidden
 matrices (attention and MLP kernels) train at peak_lr / m; embeddings, the head and norms at peak_lr. Decoupled weight

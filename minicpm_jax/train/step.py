@@ -25,7 +25,7 @@ from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import abstract_params, init_params, param_logical_axes
 from minicpm_jax.sharding import logical_shardings, logical_to_spec, with_shardings
 from minicpm_jax.train.config import OptimConfig
-from minicpm_jax.train.loss import loss_sum_and_count
+from minicpm_jax.train.loss import dense_rows, loss_sum_and_count
 from minicpm_jax.train.metrics import train_flops_per_token
 from minicpm_jax.train.optimizer import make_optimizer
 
@@ -51,6 +51,8 @@ def split_micro(x: jnp.ndarray, m: int) -> jnp.ndarray:
 
 def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, schedule: Callable, *,
                     micro_batches: int = 1, attention: str = "auto", loss_chunk: int = 2048):
+    """The pure train step. Its metrics: loss, grad_norm, lr, target_tokens, and `dense_rows` (rows that ran dense)
+    when rows choose dense / InfLLM v2 on their own true length (`AttentionPlan.per_row`)."""
     def loss_fn(params, batch):
         s, n = loss_sum_and_count(params, model_cfg, batch, attention=attention, chunk=loss_chunk)
         return s, n
@@ -74,6 +76,8 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, sc
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
                    "target_tokens": count}
+        if plan_attention(model_cfg, attention, batch["input_ids"].shape[1]).per_row:
+            metrics["dense_rows"] = dense_rows(model_cfg, batch, attention=attention)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -147,7 +151,16 @@ class StepSetup:
     batch_sharding: NamedSharding
     train_step: Callable
     eval_step: Callable
-    flops_per_token: float
+    flops_per_token: float            # model FLOPs per token when every row takes `plan`'s path (sparse: all rows)
+    dense_flops_per_token: float      # ... when a row runs dense (per-row plans: rows shorter than dense_len)
+
+    def flops_per_step(self, dense_rows=None) -> float:
+        """Model FLOPs of one step. dense_rows: the step's `metrics["dense_rows"]` (per-row plans), so that rows shorter
+        than dense_len count dense attention over the row and the rest InfLLM v2; None: every row takes `plan`."""
+        b, t = self.batch_shape
+        if dense_rows is None:
+            return self.flops_per_token * b * t
+        return t * (dense_rows * self.dense_flops_per_token + (b - dense_rows) * self.flops_per_token)
 
     def abstract_state(self) -> TrainState:
         """The train state as sharded ShapeDtypeStructs (restore target, dry-run input)."""
@@ -183,4 +196,5 @@ def build_step(cfg: ModelConfig, mesh: Mesh, batch_shape: tuple[int, int], *, at
     return StepSetup(cfg=cfg, mesh=mesh, plan=plan, batch_shape=tuple(batch_shape), abstract_params=ap, tx=tx,
                      schedule=schedule, state_shardings=st_sh, batch_sharding=batch_sharding(mesh, batch_shape),
                      train_step=train, eval_step=evaluate,
-                     flops_per_token=train_flops_per_token(cfg, batch_shape[1], sparse=plan.sparse))
+                     flops_per_token=train_flops_per_token(cfg, batch_shape[1], sparse=plan.sparse),
+                     dense_flops_per_token=train_flops_per_token(cfg, batch_shape[1]))
