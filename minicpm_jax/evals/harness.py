@@ -1,0 +1,221 @@
+"""The lm-evaluation-harness backend: `minicpm_jax` as an lm-eval model, so any lm-eval task runs on our weights.
+
+    import lm_eval, minicpm_jax.evals                       # importing the package registers "minicpm_jax"
+    lm_eval.simple_evaluate(model="minicpm_jax", model_args="pretrained=runs/tiny,step=200,batch_size=8",
+                            tasks=["minicpm_cloze_en"], task_manager=minicpm_jax.evals.task_manager())
+    python -m minicpm_jax.evals.harness_cli run --model minicpm_jax --model_args pretrained=runs/tiny --tasks ...
+
+Model arguments (`--model_args k=v,...`):
+  pretrained    a training run directory (newest restorable checkpoint) or an HF checkpoint directory
+                (`minicpm_jax.weights.load_weights` decides which)
+  step          a run's checkpoint step (default: newest)
+  attention     auto | dense | sparse (default: the run's model.attention; auto for HF checkpoints)
+  batch_size    rows per forward / decode batch (default 8)
+  max_length    the window for scoring and generation (default: max_position_embeddings); longer contexts lose
+                their oldest tokens (left truncation), as lm-eval's HF backend does
+  max_gen_toks  default generation budget when a task sets none (256)
+  dtype         HF checkpoints only: float32 | bfloat16 | float16 (default: the checkpoint's torch_dtype)
+  tokenizer     a tokenizer.model / tokenizer.json (directory) to use instead of the checkpoint's own
+  add_bos_token prepend BOS to every context (default true: how the models are trained)
+  seed          sampling seed for tasks that sample (default 0; greedy tasks ignore it)
+
+`loglikelihood` scores through `scoring.score_continuations` (one forward per batch, the vocabulary head only on
+continuation positions); `generate_until` decodes through `generation.generate_until` (prefill + cached decode
+steps, stopping at the task's stop strings or EOS); `apply_chat_template` uses the tokenizer's chat template
+(ChatML for our runs) when lm-eval is asked to apply one (`--apply_chat_template`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import normalize_gen_kwargs
+from tqdm import tqdm
+
+from data_pipeline.tokenizer import BOS, Tokenizer
+from minicpm_jax.attention_plan import ATTENTION_MODES
+from minicpm_jax.evals.generation import generate_until
+from minicpm_jax.evals.scoring import score_continuations
+from minicpm_jax.weights import HF_DTYPES, Weights, load_weights, source_kind
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or v < 1 or (isinstance(value, float) and value != v):
+        raise ValueError(f"minicpm_jax model argument {name} must be an integer >= 1, got {value!r}")
+    return v
+
+
+@register_model("minicpm_jax")
+class MiniCPMLM(TemplateLM):
+    """An lm-eval LM over MiniCPM weights: a run directory (or one of its steps) or an HF directory."""
+
+    backend = "causal"
+
+    def __init__(self, pretrained: Optional[str] = None, step: Optional[int] = None, attention: Optional[str] = None,
+                 batch_size: int | str = 8, max_length: Optional[int] = None, max_gen_toks: int = 256,
+                 dtype: Optional[str] = None, tokenizer: Optional[str] = None, add_bos_token: bool = True,
+                 seed: int = 0, weights: Optional[Weights] = None, max_batch_size: Optional[int] = None,
+                 device: Optional[str] = None, **unknown: Any) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(f"minicpm_jax: unknown model arguments {sorted(unknown)}; known: pretrained, step, "
+                             "attention, batch_size, max_length, max_gen_toks, dtype, tokenizer, add_bos_token, seed")
+        if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
+            raise ValueError("minicpm_jax: batch_size=auto is not supported; give an integer")
+        self.batch_size = _positive_int("batch_size", batch_size)          # cheap checks before loading weights
+        self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        if attention is not None and attention not in ATTENTION_MODES:
+            raise ValueError(f"minicpm_jax: attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if device:
+            log.info("minicpm_jax: device=%r ignored; JAX places the model on its default devices", device)
+        if weights is None:
+            if not pretrained:
+                raise ValueError("minicpm_jax: give pretrained=<training run dir | HF checkpoint dir>")
+            if dtype is not None and dtype not in HF_DTYPES:
+                raise ValueError(f"minicpm_jax: dtype must be one of {sorted(HF_DTYPES)}, got {dtype!r}")
+            if dtype is not None and source_kind(pretrained) != "hf":
+                raise ValueError("minicpm_jax: dtype= applies to HF checkpoints; a training run loads in its own "
+                                 "param dtype")
+            if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+                raise ValueError(f"minicpm_jax model argument step must be an integer >= 0, got {step!r}")
+            weights = load_weights(pretrained, step=step, dtype=HF_DTYPES[dtype] if dtype else None)
+        log.info("minicpm_jax: %s", weights.describe())
+        self.weights = weights
+        self.cfg, self.params = weights.cfg, weights.params
+        self.attention = attention or weights.attention
+        tok = Tokenizer.load(tokenizer) if tokenizer else weights.tokenizer
+        if tok is None:
+            raise ValueError(f"minicpm_jax: {weights.source} has no tokenizer (tokenizer.model / tokenizer.json); "
+                             "pass tokenizer=<path>")
+        if tok.vocab_size > self.cfg.vocab_size:
+            raise ValueError(f"minicpm_jax: the tokenizer has {tok.vocab_size} pieces but the model only "
+                             f"{self.cfg.vocab_size} embedding rows")
+        self.tokenizer = tok
+        self._max_length = _positive_int("max_length", max_length, allow_none=True) or self.cfg.max_position_embeddings
+        if self._max_length > self.cfg.max_position_embeddings:
+            raise ValueError(f"minicpm_jax: max_length={self._max_length} exceeds the model's "
+                             f"max_position_embeddings={self.cfg.max_position_embeddings}")
+        self.add_bos_token = bool(add_bos_token)
+        self.eos_ids = sorted(set(self.cfg.eos_ids) | {tok.eos_id})
+        self.seed = int(seed)
+
+    # ------------------------------------------------------------------ tokenization
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id   # an empty context is conditioned on BOS, as the model sees documents
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len=None,
+                   **kwargs) -> list[int]:
+        """Ids of `string`; BOS first when add_bos_token (or add_special_tokens) says so. A string that already starts
+        with the BOS text (a rendered chat template) is parsed with its special tokens and gets no second BOS."""
+        if add_special_tokens is None and string.startswith(BOS):
+            ids = self.tokenizer.encode(string, parse_special=True)
+        else:
+            add = self.add_bos_token if add_special_tokens is None else add_special_tokens
+            ids = self.tokenizer.encode(string, add_bos=bool(add))
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, ids: list[int]) -> str:
+        """Text of `ids`; ids past the tokenizer's pieces (padding rows of a larger embedding) decode to nothing."""
+        n = self.tokenizer.vocab_size
+        return self.tokenizer.decode([i for i in ids if i < n])
+
+    # ------------------------------------------------------------------ chat
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.path or self.weights.source)
+
+    def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
+        return self.tokenizer.chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    # ------------------------------------------------------------------ scoring
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation) strings or None, context ids, continuation ids)."""
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="minicpm_jax loglikelihood")
+        res = score_continuations(self.params, self.cfg, [(c, x) for _, c, x in requests], attention=self.attention,
+                                  batch_size=self.batch_size, max_length=self.max_length,
+                                  pad_id=self.tokenizer.pad_id, progress=bar.update)
+        bar.close()
+        for (key, _, _), r in zip(requests, res):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, r)
+        return res
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each string scored whole, in disjoint windows of `max_length` predictions that each see as much earlier
+        text as fits (lm-eval's `get_rolling_token_windows`), conditioned on BOS."""
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            toks = self.tok_encode(string, add_special_tokens=False)
+            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=toks, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, ctx, cont))
+                owner.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for i, (lp, _) in zip(owner, scores):
+            totals[i] += lp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Requests grouped by their generation kwargs, longest prompts first, `batch_size` rows per decode batch."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        out: list[Optional[str]] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="minicpm_jax generate_until")
+        for members in groups.values():
+            kw = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
+            until = [s for s in kw.pop("until", []) if s]
+            max_gen = int(kw.pop("max_gen_toks"))
+            if max_gen >= self.max_length:
+                raise ValueError(f"minicpm_jax: max_gen_toks={max_gen} leaves no room for a prompt in the model's "
+                                 f"{self.max_length} positions")
+            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
+            top_k, top_p = int(kw.get("top_k") or 0), float(kw.get("top_p") or 1.0)
+            prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_gen)
+                       for i in members}
+            order = sorted(members, key=lambda i: -len(prompts[i]))
+            for s in range(0, len(order), self.batch_size):
+                batch = order[s:s + self.batch_size]
+                gens = generate_until(self.params, self.cfg, [prompts[i] for i in batch], self.tok_decode,
+                                      stop=until, max_new_tokens=max_gen, eos_ids=self.eos_ids,
+                                      attention=self.attention, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      seed=self.seed + s, pad_id=self.tokenizer.pad_id)
+                for i, g in zip(batch, gens):
+                    out[i] = g.text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, g.text)
+                bar.update(len(batch))
+        bar.close()
+        return out
+
+    def get_model_info(self) -> dict:
+        return {"model_source": self.weights.describe(), "checkpoint_step": self.weights.step,
+                "attention": self.attention, "max_length": self.max_length}

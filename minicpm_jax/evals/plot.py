@@ -1,0 +1,48 @@
+"""The report as a PNG: an accuracy heatmap (context length x needle depth) per needle task, one bar per other task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_report(report: dict, path: str | Path) -> Path:
+    """Write the figure to `path` (PNG); tasks without a numeric value are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = {k: r for k, r in report["tasks"].items() if r.get("kind") == "needle"}
+    bars = {k: r for k, r in report["tasks"].items() if r.get("kind") != "needle" and isinstance(r.get("value"), float)}
+    n = len(grids) + (1 if bars else 0)
+    if n == 0:
+        raise ValueError("the report has no task to plot")
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    for ax, (name, r) in zip(axes[0], grids.items()):
+        lengths = list(r["grid"])
+        depths = list(next(iter(r["grid"].values())))
+        data = [[r["grid"][n_][d] for d in depths] for n_ in lengths]
+        im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(depths)), [f"{float(d):g}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_xlabel("needle depth")
+        ax.set_ylabel("context tokens")
+        ax.set_title(f"{name}: {r['value']:.2f}")
+        for i, row in enumerate(data):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    if bars:
+        ax = axes[0][-1]
+        names = list(bars)
+        ax.bar(range(len(names)), [bars[k]["value"] for k in names])
+        ax.set_xticks(range(len(names)), [f"{k}\n{bars[k]['metric']}" for k in names], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title("tasks")
+    fig.suptitle(report.get("model", {}).get("model_source", ""), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,94 @@
+"""Builders and metrics of the `minicpm_niah_*` lm-eval tasks (see minicpm_jax/evals/needles.py).
+
+lm-eval hands a task's `custom_dataset` function the run's model arguments and `--metadata` as keyword arguments.
+Read here: `tokenizer` or `pretrained` (whose tokenizer sizes the contexts), `max_seq_lengths` (default 1024, 2048,
+4096; lengths above the checkpoint's max_position_embeddings are dropped with a warning), `depths`, `niah_samples`
+(per length x depth cell, default 4) and `seed`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from minicpm_jax.evals.needle_score import is_correct
+from minicpm_jax.evals.needles import NeedleSpec, build_items
+
+log = logging.getLogger(__name__)
+
+LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)   # the per-length metrics the YAMLs declare
+DEFAULT_LENGTHS = (1024, 2048, 4096)
+
+
+def _tokenizer(kwargs):
+    from data_pipeline.tokenizer import Tokenizer
+    from minicpm_jax.checkpoint import run_paths
+    from minicpm_jax.weights import find_tokenizer, source_kind
+
+    if kwargs.get("tokenizer"):
+        return Tokenizer.load(kwargs["tokenizer"])
+    src = kwargs.get("pretrained")
+    if not src:
+        raise ValueError("minicpm_niah tasks size their contexts in the model's tokens: pass pretrained=<run or HF "
+                         "dir> in the model arguments or tokenizer=<path> in --metadata")
+    tok = find_tokenizer(run_paths(src)["tokenizer"] if source_kind(src) == "run" else src)
+    if tok is None:
+        raise ValueError(f"minicpm_niah tasks: {src} has no tokenizer; pass tokenizer=<path> in --metadata")
+    return tok
+
+
+def _lengths(kwargs) -> tuple[int, ...]:
+    lengths = tuple(int(n) for n in (kwargs.get("max_seq_lengths") or DEFAULT_LENGTHS))
+    bad = [n for n in lengths if n not in LENGTHS]
+    if bad:
+        raise ValueError(f"minicpm_niah: max_seq_lengths {bad} are not among the reported lengths {LENGTHS}")
+    if kwargs.get("pretrained"):
+        from minicpm_jax.weights import source_config
+
+        limit = source_config(kwargs["pretrained"]).max_position_embeddings
+        if any(n > limit for n in lengths):
+            log.warning("minicpm_niah: dropping lengths %s above max_position_embeddings=%d",
+                        [n for n in lengths if n > limit], limit)
+            lengths = tuple(n for n in lengths if n <= limit)
+    if not lengths:
+        raise ValueError("minicpm_niah: no context length left to build")
+    return lengths
+
+
+def _dataset(lang: str, distractors: int, kwargs) -> dict:
+    import datasets
+
+    spec = NeedleSpec(lang=lang, lengths=_lengths(kwargs), depths=tuple(kwargs.get("depths") or NeedleSpec.depths),
+                      samples=int(kwargs.get("niah_samples") or 4), distractors=distractors,
+                      seed=int(kwargs.get("seed") or 0))
+    items = build_items(_tokenizer(kwargs), spec)
+    return {"test": datasets.Dataset.from_list(items)}
+
+
+def niah_en(**kwargs):
+    return _dataset("en", 0, kwargs)
+
+
+def niah_zh(**kwargs):
+    return _dataset("zh", 0, kwargs)
+
+
+def niah_en_multikey(**kwargs):
+    return _dataset("en", 3, kwargs)
+
+
+def niah_zh_multikey(**kwargs):
+    return _dataset("zh", 3, kwargs)
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    ok = float(is_correct(doc, results[0]))
+    out = {str(n): -1.0 for n in LENGTHS}
+    out[str(doc["length"])] = ok
+    out["acc"] = ok
+    return out
+
+
+def aggregate(values: list[float]) -> float:
+    """Mean over the items of one length (the others report -1); -1 when the run built no item of it."""
+    kept = [v for v in values if v != -1]
+    return sum(kept) / len(kept) if kept else -1.0

@@ -1,0 +1,119 @@
+"""Needle items: deterministic from the seed, the needle really inside the haystack at the stated depth, the prompt
+the stated token length, unique answers; and the scorer on an oracle, a fixed-string model and a half-right one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from minicpm_jax.evals import haystack, needle_score
+from minicpm_jax.evals.needles import TEMPLATES, NeedleSpec, build_items, read_jsonl, write_jsonl
+
+SPECS = [NeedleSpec(lang="en", lengths=(256, 1024, 3000), depths=(0.0, 0.3, 0.5, 1.0), samples=2),
+         NeedleSpec(lang="zh", lengths=(512, 2048), depths=(0.0, 0.25, 0.75, 1.0), samples=2, distractors=3, seed=5)]
+
+
+@pytest.fixture(scope="module", params=SPECS, ids=lambda s: s.name)
+def built(request, tokenizer):
+    return request.param, build_items(tokenizer, request.param)
+
+
+def test_deterministic_and_seeded(built, tokenizer, tmp_path):
+    spec, items = built
+    assert build_items(tokenizer, spec) == items
+    other = build_items(tokenizer, dataclasses.replace(spec, seed=spec.seed + 1))
+    assert [i["answer"] for i in other] != [i["answer"] for i in items]
+    # one length alone builds the same items as inside the full grid
+    alone = build_items(tokenizer, dataclasses.replace(spec, lengths=spec.lengths[-1:]))
+    assert alone == [i for i in items if i["length"] == spec.lengths[-1]]
+    assert read_jsonl(write_jsonl(items, tmp_path / "items.jsonl")) == items
+    assert len(items) == len(spec.lengths) * len(spec.depths) * spec.samples
+    assert len({i["id"] for i in items}) == len(items)
+
+
+def test_token_length_as_stated(built, tokenizer):
+    spec, items = built
+    for it in items:
+        ids = tokenizer.encode(it["prompt"], add_bos=True)
+        assert len(ids) == it["n_tokens"]
+        assert it["n_tokens"] + spec.answer_tokens <= it["length"]
+        # filled: the next held-out sentence would not have fitted (give or take the estimate's 2 tokens)
+        sents, tpl, join = haystack.sentences(spec.lang), TEMPLATES[spec.lang], haystack.joiner(spec.lang)
+        following = sents[(it["haystack_first"] + it["haystack_sentences"]) % len(sents)]
+        question = tpl["question"].format(key=it["key"])
+        longer = it["prompt"][:-len(question)] + join + following + question
+        assert len(tokenizer.encode(longer, add_bos=True)) + spec.answer_tokens > it["length"] - 2, it["id"]
+
+
+def test_needle_inside_at_the_stated_depth(built, tokenizer):
+    spec, items = built
+    tpl = TEMPLATES[spec.lang]
+    for it in items:
+        p = it["prompt"]
+        assert p.count(it["needle"]) == 1 and it["answer"] in it["needle"] and it["key"] in it["needle"]
+        # the needle's tokens are where the item says
+        ids = tokenizer.encode(p, add_bos=True)
+        span = tokenizer.decode(ids[it["needle_token_start"]:it["needle_token_end"]])
+        assert it["needle"] in span and len(span) <= len(it["needle"]) + 4, (span, it["needle"])
+        # depth measured independently: tokens of the haystack before the needle / haystack tokens
+        assert p.startswith(tpl["intro"]) and p.endswith(tpl["question"].format(key=it["key"]))
+        body = p[len(tpl["intro"]):len(p) - len(tpl["question"].format(key=it["key"]))]
+        at = body.index(it["needle"])
+        total = len(tokenizer.encode(body)) - len(tokenizer.encode(it["needle"]))
+        measured = len(tokenizer.encode(body[:at])) / total
+        # the needle sits at the sentence boundary nearest the depth: off by at most half the longest sentence
+        # around it, plus the distractor needles (they shift the boundaries)
+        longest = max(len(tokenizer.encode(s)) for s in haystack.sentences(spec.lang) if s in body)
+        shift = sum(len(tokenizer.encode(p2)) for p2 in body.split(haystack.joiner(spec.lang) or "。")
+                    if any(d["value"] in p2 for d in it["distractors"]))
+        tol = (longest / 2 + shift + 3) / total
+        assert abs(measured - it["depth"]) <= tol, (it["id"], measured, it["depth"], tol)
+        assert abs(it["needle_depth"] - measured) <= 0.02, (it["needle_depth"], measured)
+        if it["depth"] == 0.0:
+            assert body.startswith(it["needle"])
+        if it["depth"] == 1.0:
+            assert body.endswith(it["needle"])
+
+
+def test_answers_are_unique(built):
+    spec, items = built
+    for it in items:
+        p = it["prompt"]
+        assert p.count(it["answer"]) == 1
+        assert p.count(it["key"]) == 3                   # the needle and the question's two mentions
+        assert len(it["distractors"]) == spec.distractors
+        values = [it["answer"]] + [d["value"] for d in it["distractors"]]
+        keys = [it["key"]] + [d["key"] for d in it["distractors"]]
+        assert len(set(values)) == len(values) and len(set(keys)) == len(keys)
+        for d in it["distractors"]:
+            assert p.count(d["value"]) == 1 and p.count(d["key"]) == 1
+        assert it["answer"].isdigit() and len(it["answer"]) == 7
+
+
+def test_scorer(built):
+    spec, items = built
+    oracle = needle_score.score(items, [f" {it['answer']}." for it in items])
+    assert oracle["accuracy"] == 1.0 and all(v == 1.0 for v in oracle["by_length"].values())
+    fixed = needle_score.score(items, ["1234567"] * len(items))
+    assert fixed["accuracy"] == 0.0
+    half = needle_score.score(items, [it["answer"] if i % 2 == 0 else "no idea" for i, it in enumerate(items)])
+    assert half["accuracy"] == pytest.approx(sum(1 for i in range(len(items)) if i % 2 == 0) / len(items))
+    assert set(half["grid"]) == set(spec.lengths)
+    assert all(set(row) == set(spec.depths) for row in half["grid"].values())
+    # naming every number in the haystack is not an answer
+    if spec.distractors:
+        greedy = needle_score.score(items, [" ".join([it["answer"]] + [d["value"] for d in it["distractors"]])
+                                            for it in items])
+        assert greedy["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="items but"):
+        needle_score.score(items, [])
+
+
+def test_spec_errors():
+    with pytest.raises(ValueError, match="lang"):
+        NeedleSpec(lang="fr")
+    with pytest.raises(ValueError, match="depths"):
+        NeedleSpec(depths=(1.5,))
+    with pytest.raises(ValueError, match="lengths"):
+        NeedleSpec(lengths=(10,))
