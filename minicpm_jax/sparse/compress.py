@@ -120,17 +120,22 @@ def _append(kc, count, k_cache, new_lengths, ks, st, max_new):
     target = num_kernels(new_lengths, ks, st).astype(jnp.int32)
 
     def one_row(kc_r, count_r, k_r, target_r):
+        n_rows = kc_r.shape[0]
+        # Updated as [NK*H, D] rows, the view the decode scoring multiplies with: updating the [NK, H, D] view
+        # made XLA:CPU fuse the update into both that view and the returned cache, copying the cache every step.
+        kc_r = kc_r.reshape(n_rows * h, d)
         for i in range(max_new):  # static, 1 for one-token decode steps
             j = count_r + i
             start = jnp.clip(j * st, 0, max(s - ks, 0))
             win = jax.lax.dynamic_slice(k_r, (start, 0, 0), (min(ks, s), h, d)).astype(jnp.float32)
             mean = win.reshape(ks // st, st, h, d).sum(axis=1).sum(axis=0) / ks if s >= ks else jnp.zeros((h, d))
-            ok = (j < target_r) & (j < kc_r.shape[0])
-            jj = jnp.clip(j, 0, kc_r.shape[0] - 1)
-            old = jax.lax.dynamic_slice(kc_r, (jj, 0, 0), (1, h, d))
-            kc_r = jax.lax.dynamic_update_slice(kc_r, jnp.where(ok, mean[None].astype(kc_r.dtype), old), (jj, 0, 0))
-        new_count = jnp.minimum(jnp.minimum(target_r, count_r + max_new), kc_r.shape[0])
-        return kc_r, jnp.maximum(new_count, count_r)
+            # Row j is zero until its kernel completes (rows >= count are zero), so writing 0 there when it has
+            # not keeps it, and the old value is never read (reading it made XLA copy the donated cache first);
+            # j past the capacity is dropped.
+            done = (j < target_r).astype(kc_r.dtype)
+            kc_r = kc_r.at[j * h + jnp.arange(h)].set(mean.astype(kc_r.dtype) * done, mode="drop")
+        new_count = jnp.minimum(jnp.minimum(target_r, count_r + max_new), n_rows)
+        return kc_r.reshape(n_rows, h, d), jnp.maximum(new_count, count_r)
 
     return jax.vmap(one_row)(kc, count, k_cache, target)
 
