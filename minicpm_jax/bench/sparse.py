@@ -1,18 +1,26 @@
-"""InfLLM v2 sparse vs dense attention on this machine (CPU by default): decode steps and prefill, per layer.
+"""InfLLM v2 sparse vs dense attention on this machine (CPU by default), both variants: decode steps and prefill.
 
-Run:  minicpm bench sparse [--quick] [--decode-lens 32768 131072] [--prefill-len 32768]
+Run:  minicpm bench sparse [--quick] [--variants minicpm4 minicpm4.1] [--decode-lens 32768 131072]
+                           [--prefill-len 32768] [--prefill-reps 1]
 
-Prints, side by side in one run:
-  * the machine's measured peak read bandwidth (a large reduction) and fp32 matmul rate;
-  * decode with a 32K / 128K cache at the MiniCPM4-8B attention shape (32 q heads, 2 KV heads, head dim 128):
-    sparse step (compressed-cache update + selection + attention, XLA path) vs the fastest of three dense
-    baselines; the time ratio beside the byte ratio (bytes sparse must read / bytes dense must read), which is the
-    floor for a bandwidth-bound step; each side's achieved fraction of the measured bandwidth;
-  * prefill forward at 32K tokens (heads reduced to one KV group of 16 query heads to fit a CPU): sparse XLA path
-    vs a flash-style chunked dense XLA attention with causal block skipping (the strongest dense we can build on a
-    CPU: jax.nn.dot_product_attention would materialise 32K x 32K logits per head); each side's achieved fraction
-    of the measured matmul rate, counting useful FLOPs only.
-Goals (issue #3): decode within 1.5x of the byte floor and <= 0.2 at 128K; prefill ratio <= 0.4.
+Prints, side by side in one run (about 4 minutes on 2 CPU cores with the defaults; --quick about 1):
+  * the machine's measured peaks: read bandwidth of a large (1 GiB) reduction and the fp32 matmul rate (2048^3);
+  * decode with a 32K / 128K cache at the MiniCPM4-8B attention shape (32 q heads, 2 KV heads, head dim 128), for
+    each variant ("minicpm4": lse_approx off; "minicpm4.1": on, the official defaults): the sparse step
+    (compressed-cache update + selection + attention, XLA path) against the fastest of four dense baselines
+    (measured once per cache length). Beside the time ratio: the byte ratio (bytes sparse must read / bytes dense
+    must read: the compressed kernels, the coarse ones with lse_approx, and the selected K/V blocks vs all of K/V),
+    ratio/bytes (the floor relative to dense), and the absolute byte floor = bytes sparse must read / measured read
+    bandwidth, with the sparse time as a multiple of it; each side's achieved fraction of the measured bandwidth.
+    Every timed decode call starts with a cold cache (768 MiB are read in between, more than this CPU's L3), as
+    in a model that runs many layers per token: re-reading one layer's few MB would be served from the cache;
+  * prefill forward at 32K tokens (heads reduced to one KV group of 16 query heads to fit a CPU), per variant:
+    sparse (selection + attention, XLA path; the selection alone is also timed) vs a flash-style chunked dense XLA
+    attention with causal block skipping (the strongest dense we can build on a CPU: jax.nn.dot_product_attention
+    would materialise 32K x 32K logits per head); each side's achieved fraction of the measured matmul rate,
+    counting useful FLOPs only (sparse: the attended (query, key) pairs plus the kernel scoring, coarse kernels
+    included with lse_approx).
+Goals (issue #11): 32K prefill sparse/dense <= 0.40; decode at 128K within 1.5x of the byte floor.
 """
 
 from __future__ import annotations
@@ -29,22 +37,28 @@ import numpy as np
 
 from minicpm_jax.sparse import (SparseConfig, compressed_cache_from_keys, infllm_v2_attention, infllm_v2_decode,
                                 update_compressed_cache)
+from minicpm_jax.sparse.compress import coarse_sizes, num_kernels
+from minicpm_jax.sparse.config import VARIANTS
 from minicpm_jax.sparse.select import attended_pairs, select_block_lists
+
+FLUSH_MIB = 768  # > this CPU's L3 (480 MiB on the 2-core development machine)
 
 
 # ----------------------------------------------------------------------------------------------- measuring
-def best_time(fn, *args, reps: int = 5, min_total: float = 0.5, warmup: bool = True) -> float:
+def best_time(fn, *args, reps: int = 5, min_total: float = 0.5, warmup: bool = True, flush=None) -> float:
     """Best wall time of fn(*args) over `reps` runs, in seconds. fn must be jitted.
 
-    warmup=False compiles ahead of time instead of running once (for the long prefill runs). The CPU time the
-    process used per wall second over the timed runs (how many cores the computation kept busy) is left in
-    best_time.cores."""
+    warmup=False compiles ahead of time instead of running once (for the long prefill runs). flush: called
+    (untimed) before every timed run. The CPU time the process used per wall second over the timed runs (how many
+    cores the computation kept busy) is left in best_time.cores."""
     if warmup:
         jax.block_until_ready(fn(*args))
     else:
         fn = fn.lower(*args).compile()
     best, total, n, cpu = float("inf"), 0.0, 0, 0.0
     while n < reps or (total < min_total and n < 50):
+        if flush is not None:
+            flush()
         c0, t0 = time.process_time(), time.perf_counter()
         jax.block_until_ready(fn(*args))
         dt = time.perf_counter() - t0
@@ -52,6 +66,18 @@ def best_time(fn, *args, reps: int = 5, min_total: float = 0.5, warmup: bool = T
         best, total, n = min(best, dt), total + dt, n + 1
     best_time.cores = cpu / total
     return best
+
+
+class CacheFlush:
+    """Reads `mib` MiB (more than the last-level cache), so that the next timed call starts cold."""
+
+    def __init__(self, mib: int = FLUSH_MIB):
+        self.x = jnp.ones((mib * 2 ** 18,), jnp.float32)
+        self.f = jax.jit(jnp.sum)
+        jax.block_until_ready(self.f(self.x))
+
+    def __call__(self):
+        jax.block_until_ready(self.f(self.x))
 
 
 def machine_peaks(quick: bool = False) -> dict:
@@ -149,13 +175,46 @@ def dense_flash_prefill(q, k, v, chunk: int = 512):
 
 
 # --------------------------------------------------------------------------------------------- decode
-def bench_decode(s_len: int, cfg: SparseConfig, peaks: dict, hq=32, hkv=2, d=128) -> dict:
-    b = 1
+def decode_inputs(s_len: int, hq=32, hkv=2, d=128):
     ks = jax.random.split(jax.random.key(s_len), 3)
-    k = jax.random.normal(ks[0], (b, s_len, hkv, d), jnp.float32)
-    v = jax.random.normal(ks[1], (b, s_len, hkv, d), jnp.float32)
-    q = jax.random.normal(ks[2], (b, 1, hq, d), jnp.float32)
-    lengths = jnp.array([s_len], jnp.int32)
+    k = jax.random.normal(ks[0], (1, s_len, hkv, d), jnp.float32)
+    v = jax.random.normal(ks[1], (1, s_len, hkv, d), jnp.float32)
+    q = jax.random.normal(ks[2], (1, 1, hq, d), jnp.float32)
+    return q, k, v, jnp.array([s_len], jnp.int32)
+
+
+def bench_dense_decode(q, k, v, lengths, peaks: dict, flush=None) -> dict:
+    """Every dense decode baseline; the fastest is the one sparse is compared with."""
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    times, cores = {}, {}
+    for name, (fn, lay) in DENSE_DECODE.items():
+        times[name] = best_time(jax.jit(fn), q, *((k, v) if lay == "bshd" else (kt, vt)), lengths, flush=flush)
+        cores[name] = best_time.cores
+    name = min(times, key=times.get)
+    s_len, hkv, d = k.shape[1], k.shape[2], k.shape[3]
+    dense_bytes = 2 * s_len * hkv * d * k.dtype.itemsize
+    return dict(t_dense=times[name], dense_name=name, dense_times=times, dense_cores=cores[name],
+                dense_bytes=dense_bytes, dense_bw=dense_bytes / times[name] / (peaks["bw_gbs"] * 1e9))
+
+
+def decode_bytes(cc, lists, cfg: SparseConfig, d: int, esz: int) -> int:
+    """Bytes a sparse decode step must read: the stored kernels (fine, and coarse with lse_approx) of every KV
+    head and the K and V rows of the selected blocks (per KV head)."""
+    hkv = cc.kc.shape[2]
+    kernels = int(np.asarray(cc.count).sum())
+    if cc.kc2 is not None:
+        kernels += int(np.asarray(cc.count2).sum())
+    sel_keys = int(np.asarray(lists.count).sum()) * cfg.block_size  # summed over KV heads
+    return kernels * hkv * d * esz + 2 * sel_keys * d * esz
+
+
+def bench_decode(s_len: int, cfg: SparseConfig, peaks: dict, dense: Optional[dict] = None, flush=None,
+                 hq=32, hkv=2, d=128, steps: int = 20) -> dict:
+    """Sparse decode step (donated compressed cache, as in a decode loop) vs the dense baselines (`dense`: the
+    result of bench_dense_decode on the same inputs, measured here when None)."""
+    q, k, v, lengths = decode_inputs(s_len, hq, hkv, d)
+    if dense is None:
+        dense = bench_dense_decode(q, k, v, lengths, peaks, flush)
     cc = jax.jit(lambda k_: compressed_cache_from_keys(k_, lengths - 1, cfg))(k)
 
     # A decode loop donates its caches (the update is then in place), so the timed step does too.
@@ -166,96 +225,141 @@ def bench_decode(s_len: int, cfg: SparseConfig, peaks: dict, hq=32, hkv=2, d=128
 
     out, cc = sparse_step(q, k, v, cc, lengths)
     t_sparse, cpu, wall = float("inf"), 0.0, 0.0
-    for _ in range(20):
+    for _ in range(steps):
+        if flush is not None:
+            flush()
         c0, t0 = time.process_time(), time.perf_counter()
         out, cc = sparse_step(q, k, v, cc, lengths)
         jax.block_until_ready(out)
         dt = time.perf_counter() - t0
         t_sparse, cpu, wall = min(t_sparse, dt), cpu + time.process_time() - c0, wall + dt
-    sparse_cores = cpu / wall
-    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    dense_times, dense_cores = {}, {}
-    for name, (fn, lay) in DENSE_DECODE.items():
-        dense_times[name] = best_time(jax.jit(fn), q, *((k, v) if lay == "bshd" else (kt, vt)), lengths)
-        dense_cores[name] = best_time.cores
-    dense_name = min(dense_times, key=dense_times.get)
-    t_dense = dense_times[dense_name]
-    # bytes each side must read: dense = the whole K and V; sparse = all compressed kernels + the selected blocks
-    esz = 4
-    dense_bytes = 2 * s_len * hkv * d * esz
-    n_kernels = int(cc.kc.shape[1])
-    lists = jax.jit(lambda q_, k_, kc, n: select_block_lists(q_, k_, cfg, q_offset=n - 1, kc=kc, kernel_count=None,
-                                                             chunk=1))(q, k, cc.kc, lengths)
-    sel_keys = int(np.minimum(np.asarray(lists.count), 10 ** 9).sum()) * cfg.block_size  # over groups
-    sparse_bytes = n_kernels * hkv * d * esz + 2 * sel_keys * d * esz
+    lists = jax.jit(lambda q_, k_, cc_, n: select_block_lists(q_, k_, cfg, q_offset=n - 1, kc=cc_.kc, kc2=cc_.kc2,
+                                                              kernel_count=cc_.count, kernel_count2=cc_.count2,
+                                                              chunk=1))(q, k, cc, lengths)
+    sparse_bytes = decode_bytes(cc, lists, cfg, d, k.dtype.itemsize)
     bw = peaks["bw_gbs"] * 1e9
-    return dict(s_len=s_len, t_dense=t_dense, dense_name=dense_name, dense_times=dense_times, t_sparse=t_sparse,
-                dense_cores=dense_cores[dense_name], sparse_cores=sparse_cores,
-                ratio=t_sparse / t_dense, byte_ratio=sparse_bytes / dense_bytes,
-                dense_bw=dense_bytes / t_dense / bw, sparse_bw=sparse_bytes / t_sparse / bw)
+    floor = sparse_bytes / bw
+    return dict(dense, s_len=s_len, t_sparse=t_sparse, sparse_cores=cpu / wall, ratio=t_sparse / dense["t_dense"],
+                byte_ratio=sparse_bytes / dense["dense_bytes"], sparse_bytes=sparse_bytes, floor=floor,
+                x_floor=t_sparse / floor, sparse_bw=floor / t_sparse)
 
 
 # -------------------------------------------------------------------------------------------- prefill
-def bench_prefill(t_len: int, cfg: SparseConfig, peaks: dict, hq=16, hkv=1, d=128, chunk=64) -> dict:
-    b = 1
+def prefill_inputs(t_len: int, hq=16, hkv=1, d=128):
     ks = jax.random.split(jax.random.key(t_len), 3)
-    q = jax.random.normal(ks[0], (b, t_len, hq, d), jnp.float32)
-    k = jax.random.normal(ks[1], (b, t_len, hkv, d), jnp.float32)
-    v = jax.random.normal(ks[2], (b, t_len, hkv, d), jnp.float32)
+    q = jax.random.normal(ks[0], (1, t_len, hq, d), jnp.float32)
+    k = jax.random.normal(ks[1], (1, t_len, hkv, d), jnp.float32)
+    v = jax.random.normal(ks[2], (1, t_len, hkv, d), jnp.float32)
+    return q, k, v
+
+
+def scored_pairs(t_len: int, kernel_size: int, stride: int) -> int:
+    """(query, kernel) pairs with the kernel visible to the query, for queries at 0 .. t_len-1."""
+    nk = num_kernels(t_len, kernel_size, stride)
+    kpos = np.arange(nk) * stride + kernel_size - 1
+    return int(np.searchsorted(kpos, np.arange(t_len), side="right").sum())
+
+
+def prefill_flops(lists, cfg: SparseConfig, t_len: int, hq: int, hkv: int, d: int) -> tuple[float, float]:
+    """Useful FLOPs of (dense causal attention, sparse attention + kernel scoring) at this shape."""
+    dense = 4 * d * hq * t_len * (t_len + 1) / 2
+    score = scored_pairs(t_len, cfg.kernel_size, cfg.kernel_stride)
+    if cfg.lse_approx:
+        score += scored_pairs(t_len, *coarse_sizes(cfg))
+    return dense, 4 * d * (hq // hkv) * attended_pairs(lists, cfg.block_size) + 2 * d * hq * score
+
+
+def bench_dense_prefill(q, k, v, reps: int = 1) -> dict:
+    t = best_time(jax.jit(dense_flash_prefill), q, k, v, reps=reps, min_total=0, warmup=False)
+    return dict(t_dense=t, dense_cores=best_time.cores)
+
+
+def bench_prefill(t_len: int, cfg: SparseConfig, peaks: dict, dense: Optional[dict] = None, hq=16, hkv=1, d=128,
+                  chunk=64, reps: int = 1) -> dict:
+    q, k, v = prefill_inputs(t_len, hq, hkv, d)
+    if dense is None:
+        dense = bench_dense_prefill(q, k, v, reps)
     sparse = jax.jit(lambda q_, k_, v_: infllm_v2_attention(q_, k_, v_, cfg, "xla", chunk=chunk))
-    dense = jax.jit(dense_flash_prefill)
-    t_sparse = best_time(sparse, q, k, v, reps=1, min_total=0, warmup=False)
+    t_sparse = best_time(sparse, q, k, v, reps=reps, min_total=0, warmup=False)
     sparse_cores = best_time.cores
-    t_dense = best_time(dense, q, k, v, reps=1, min_total=0, warmup=False)
-    dense_cores = best_time.cores
-    lists = jax.jit(lambda q_, k_: select_block_lists(q_, k_, cfg))(q, k)
-    g = hq // hkv
-    dense_flops = 4 * d * hq * t_len * (t_len + 1) / 2
-    nk = (t_len - cfg.kernel_size) // cfg.kernel_stride + 1
-    kpos = np.arange(nk) * cfg.kernel_stride + cfg.kernel_size - 1
-    score_pairs = int(np.searchsorted(kpos, np.arange(t_len), side="right").sum())
-    sparse_flops = 4 * d * g * attended_pairs(lists, cfg.block_size) + 2 * d * hq * score_pairs
+    select = jax.jit(lambda q_, k_: select_block_lists(q_, k_, cfg))
+    t_select = best_time(select, q, k, reps=reps, min_total=0, warmup=False)
+    lists = select(q, k)
+    dense_flops, sparse_flops = prefill_flops(lists, cfg, t_len, hq, hkv, d)
     fl = peaks["gflops"] * 1e9
-    return dict(t_len=t_len, t_dense=t_dense, t_sparse=t_sparse, ratio=t_sparse / t_dense,
-                flop_ratio=sparse_flops / dense_flops, dense_fl=dense_flops / t_dense / fl,
-                sparse_fl=sparse_flops / t_sparse / fl, hq=hq, hkv=hkv, dense_cores=dense_cores,
-                sparse_cores=sparse_cores)
+    return dict(dense, t_len=t_len, t_sparse=t_sparse, t_select=t_select, ratio=t_sparse / dense["t_dense"],
+                flop_ratio=sparse_flops / dense_flops, dense_fl=dense_flops / dense["t_dense"] / fl,
+                sparse_fl=sparse_flops / t_sparse / fl, hq=hq, hkv=hkv, sparse_cores=sparse_cores)
 
 
 # ----------------------------------------------------------------------------------------------- main
-def run(*, quick: bool = False, decode_lens: Optional[Sequence[int]] = None, prefill_len: Optional[int] = None,
-        chunk: int = 64) -> None:
-    """Print the measured peaks, the decode table (per cache length) and the prefill comparison.
+def _lse(cfg: SparseConfig) -> str:
+    return "on" if cfg.lse_approx else "off"
 
-    Defaults: decode at 32K and 128K, prefill at 32K (quick: 8K/32K and 8K). prefill_len 0 skips the prefill."""
+
+def run(*, quick: bool = False, decode_lens: Optional[Sequence[int]] = None, prefill_len: Optional[int] = None,
+        chunk: int = 64, variants: Optional[Sequence[str]] = None, prefill_reps: int = 1) -> dict:
+    """Print the measured peaks, the decode table (per cache length and variant) and the prefill comparison;
+    return them as {"peaks": .., "decode": [row dicts], "prefill": [row dicts]} (rows carry "variant").
+
+    Defaults: both variants with their default lse_approx; decode at 32K and 128K, prefill at 32K (quick: 8K/32K
+    and 8K). prefill_len 0 skips the prefill; an empty decode_lens skips the decode."""
+    t_start = time.perf_counter()
     if decode_lens is None:
         decode_lens = [8192, 32768] if quick else [32768, 131072]
     if prefill_len is None:
         prefill_len = 8192 if quick else 32768
-    cfg = SparseConfig(dense_len=-1)
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs); InfLLM v2 {cfg.block_size}/"
-          f"{cfg.kernel_size}/{cfg.kernel_stride}, topk {cfg.topk} (init incl.), window {cfg.window_size}, fp32")
+    cfgs = [SparseConfig(dense_len=-1, variant=v) for v in (variants or VARIANTS)]
+    c0 = cfgs[0]
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs); InfLLM v2 {c0.block_size}/"
+          f"{c0.kernel_size}/{c0.kernel_stride}, topk {c0.topk}, window {c0.window_size}, fp32; variants: "
+          + ", ".join(f"{c.variant} (local {c.local_blocks} blocks + {c.topk_slots} top-k slots incl. init, "
+                      f"lse_approx {_lse(c)})" for c in cfgs))
     peaks = machine_peaks(quick)
-    print(f"measured peaks: read bandwidth {peaks['bw_gbs']:.1f} GB/s, fp32 matmul {peaks['gflops']:.0f} GFLOP/s\n")
+    rows = {"peaks": peaks, "decode": [], "prefill": []}
+    print(f"measured peaks: read bandwidth {peaks['bw_gbs']:.1f} GB/s, fp32 matmul {peaks['gflops']:.0f} GFLOP/s; "
+          f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)\n")
     if decode_lens:
-        print("decode step, per layer (B=1, 32 q heads, 2 KV heads, D=128); sparse = cache update + select + attend")
-        hdr = f"{'cache':>7} {'dense':>16} {'sparse':>9} {'ratio':>6} {'bytes':>6} {'/floor':>6} {'dense BW':>8} " \
-              f"{'sparse BW':>9} {'cores d/s':>9}"
-        print(hdr)
+        flush = CacheFlush()
+        print("decode step, per layer (B=1, 32 q heads, 2 KV heads, D=128); sparse = cache update + select + attend;"
+              " every timed call starts cold")
+        print(f"{'cache':>6} {'variant':<10} {'lse':>3} | {'dense ms':>8} {'(best of 4)':<11} {'sparse ms':>9} | "
+              f"{'ratio':>6} {'bytes':>6} {'r/bytes':>7} | {'floor ms':>8} {'x floor':>7} | {'dense BW':>8} "
+              f"{'sparse BW':>9} | {'cores d/s':>9}")
         for s_len in decode_lens:
-            r = bench_decode(s_len, cfg, peaks)
-            print(f"{s_len // 1024:>6}K {r['t_dense'] * 1e3:>7.2f} ms {r['dense_name']:>6} "
-                  f"{r['t_sparse'] * 1e3:>6.2f} ms {r['ratio']:>6.3f} {r['byte_ratio']:>6.3f} "
-                  f"{r['ratio'] / r['byte_ratio']:>6.2f} {r['dense_bw']:>8.0%} {r['sparse_bw']:>9.0%} "
-                  f"{r['dense_cores']:>5.1f}/{r['sparse_cores']:.1f}")
-            others = ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in r["dense_times"].items())
-            print(f"{'':>8}(dense baselines: {others})")
-        print("  ratio = sparse/dense time; bytes = sparse/dense bytes read (the floor); /floor = ratio/bytes;")
-        print("  cores d/s = CPU seconds per wall second, dense/sparse (XLA:CPU threads only large ops)\n")
+            q, k, v, lengths = decode_inputs(s_len)
+            dense = bench_dense_decode(q, k, v, lengths, peaks, flush)
+            del q, k, v
+            for cfg in cfgs:
+                r = bench_decode(s_len, cfg, peaks, dense, flush)
+                rows["decode"].append(dict(r, variant=cfg.variant))
+                print(f"{s_len // 1024:>5}K {cfg.variant:<10} {_lse(cfg):>3} | {r['t_dense'] * 1e3:>8.2f} "
+                      f"{r['dense_name']:<11} {r['t_sparse'] * 1e3:>9.2f} | {r['ratio']:>6.3f} {r['byte_ratio']:>6.3f} "
+                      f"{r['ratio'] / r['byte_ratio']:>7.2f} | {r['floor'] * 1e3:>8.2f} {r['x_floor']:>7.2f} | "
+                      f"{r['dense_bw']:>8.0%} {r['sparse_bw']:>9.0%} | "
+                      f"{r['dense_cores']:>5.1f}/{r['sparse_cores']:.1f}")
+            others = ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in dense["dense_times"].items())
+            print(f"{'':>6} (dense baselines: {others})")
+        print("  ratio = sparse/dense time; bytes = sparse/dense bytes that must be read; r/bytes = ratio/bytes (the")
+        print("  floor relative to dense); floor = sparse bytes / measured read bandwidth; x floor = sparse time /")
+        print("  floor; BW = achieved fraction of the measured read bandwidth; cores d/s = CPU s per wall s\n")
+        del flush
     if prefill_len:
-        r = bench_prefill(prefill_len, cfg, peaks, chunk=chunk)
-        print(f"prefill forward, T={prefill_len}, {r['hq']} q heads / {r['hkv']} KV head, D=128")
-        print(f"  dense flash-XLA {r['t_dense']:.2f} s   sparse XLA {r['t_sparse']:.2f} s   ratio {r['ratio']:.3f} "
-              f"(useful-FLOP ratio {r['flop_ratio']:.3f})")
-        print(f"  achieved fraction of measured matmul rate: dense {r['dense_fl']:.0%}, sparse {r['sparse_fl']:.0%}; "
-              f"cores busy: dense {r['dense_cores']:.1f}, sparse {r['sparse_cores']:.1f}")
+        q, k, v = prefill_inputs(prefill_len)
+        dense = bench_dense_prefill(q, k, v, prefill_reps)
+        del q, k, v
+        print(f"prefill forward, T={prefill_len}, 16 q heads / 1 KV head, D=128; dense = flash-style XLA "
+              f"({dense['t_dense']:.2f} s, {dense['dense_cores']:.1f} cores busy)")
+        print(f"  {'variant':<10} {'lse':>3} | {'dense s':>7} {'sparse s':>8} {'(select)':>8} | {'ratio':>6} "
+              f"{'FLOPs':>6} | {'dense %peak':>11} {'sparse %peak':>12} | {'cores d/s':>9}")
+        for cfg in cfgs:
+            r = bench_prefill(prefill_len, cfg, peaks, dense, chunk=chunk, reps=prefill_reps)
+            rows["prefill"].append(dict(r, variant=cfg.variant))
+            print(f"  {cfg.variant:<10} {_lse(cfg):>3} | {r['t_dense']:>7.2f} {r['t_sparse']:>8.2f} "
+                  f"{r['t_select']:>8.2f} | {r['ratio']:>6.3f} {r['flop_ratio']:>6.3f} | {r['dense_fl']:>11.0%} "
+                  f"{r['sparse_fl']:>12.0%} | {r['dense_cores']:>5.1f}/{r['sparse_cores']:.1f}")
+        print("  ratio = sparse/dense time (sparse = selection + attention; select = the selection alone);")
+        print("  FLOPs = useful-FLOP ratio (attended pairs + kernel scoring vs causal dense); %peak = useful FLOP rate"
+              " / measured matmul rate")
+    print(f"\n(bench ran {time.perf_counter() - t_start:.0f} s; load average now {os.getloadavg()[0]:.1f})")
+    return rows

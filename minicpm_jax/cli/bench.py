@@ -16,14 +16,18 @@ def register(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print tables of measured ratios")
     bsub = bench.add_subparsers(dest="bench", required=True)
 
-    p = bsub.add_parser("sparse", help="InfLLM v2 sparse vs dense attention (decode 32K/128K, prefill 32K)",
+    p = bsub.add_parser("sparse", help="InfLLM v2 sparse vs dense attention, both variants (decode 32K/128K, "
+                                       "prefill 32K)",
                         description=sparse.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes: 8K/32K decode, 8K prefill")
     p.add_argument("--decode-lens", type=int, nargs="*", default=None)
     p.add_argument("--prefill-len", type=int, default=None, help="0 skips the prefill comparison")
     p.add_argument("--chunk", type=int, default=64, help="queries per step of the sparse XLA path's window part")
+    p.add_argument("--variants", nargs="+", choices=sparse.VARIANTS, default=None,
+                   help="InfLLM v2 variants, each with its default lse_approx (default: all)")
+    p.add_argument("--prefill-reps", type=int, default=1, help="timed prefill runs per side (best is kept)")
     p.set_defaults(func=lambda a: sparse.run(quick=a.quick, decode_lens=a.decode_lens, prefill_len=a.prefill_len,
-                                             chunk=a.chunk) and 0)
+                                             chunk=a.chunk, variants=a.variants, prefill_reps=a.prefill_reps) and 0)
 
     p = bsub.add_parser("train", help="train-step MFU against the measured matmul peak (tiny and ~100M configs)",
                         description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -96,14 +96,15 @@ def kernel_scores(q: jax.Array, kc: jax.Array, t: jax.Array, cfg: SparseConfig, 
         if cnt is not None:
             vis = vis & (j[None, None, :] < cnt[:, None, None])
         if c * g <= 64 and hkv <= 4:
-            # Decode: few query rows. A block-diagonal query [C*Hq, Hkv*D] against the kernels as they lie,
-            # [NK, Hkv*D], reads them once and contiguously; transposing them to head-major first would copy
-            # the whole compressed cache every step (Hkv x more FLOPs, but FLOPs are not what decode waits on).
-            eye = jnp.eye(hkv, dtype=jnp.float32)
-            qbd = (qm[:, :, :, None, :] * eye[None, :, None, :, None]).transpose(0, 2, 1, 3, 4)
-            lg = jnp.einsum("bme,bje->bmj", qbd.reshape(b, c * g * hkv, hkv * d),
-                            kcx.astype(jnp.float32).reshape(b, nk, hkv * d))
-            lg = lg.reshape(b, c, g, hkv, nk).transpose(0, 3, 1, 2, 4) * scale
+            # Decode: few query rows. The kernels as they lie, viewed as [NK*Hkv, D] rows, times all C*Hq queries:
+            # they are read once and contiguously (transposing them to head-major first would copy the whole
+            # compressed cache every step), as the tall operand of the matmul, which XLA:CPU runs near the read
+            # bandwidth. Each row meets every KV group's queries (Hkv x the FLOPs; decode waits on bytes, not
+            # FLOPs); the (kernel group == query group) blocks are kept: [B, NK, Hkv, Hkv, C, G] -> diagonal.
+            full = jnp.einsum("bne,bme->bnm", kcx.astype(jnp.float32).reshape(b, nk * hkv, d),
+                              qm.reshape(b, hkv * c * g, d)).reshape(b, nk, hkv, hkv, c, g)
+            lg = jnp.stack([full[:, :, h, h] for h in range(hkv)], axis=1)           # [B, Hkv, NK, C, G]
+            lg = lg.transpose(0, 1, 3, 4, 2) * scale
         else:
             kg = kcx.astype(jnp.float32).transpose(0, 2, 1, 3)   # [B, Hkv, NK, D]
             lg = jnp.einsum("bhmd,bhjd->bhmj", qm, kg).reshape(b, hkv, c, g, nk) * scale

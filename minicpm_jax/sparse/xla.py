@@ -77,12 +77,14 @@ def _chunk_fwd_all_blocks(q, t, idx, count, k, v, cfg):
     vb = vb.reshape(b, hkv, c, nsl * bs, d).astype(jnp.float32)
     ok = (jnp.arange(nsl) < count[..., None])[..., None] & (pos >= (idx * bs)[..., None]) & \
         (pos <= t[:, None, :, None, None])
-    s = jnp.einsum("bhcnd,bhcsd->bhcns", qm, kb) * scale
-    s = jnp.where(ok.reshape(b, hkv, c, 1, nsl * bs), s, -jnp.inf)
-    m = s.max(axis=-1)
-    p = jnp.exp(s - m[..., None])
-    l = p.sum(axis=-1)
-    o = jnp.einsum("bhcns,bhcsd->bhcnd", p, vb) / l[..., None]
+    # keys-major logits [.., K*bs, G]: the gathered keys are the tall operand of the matmul (as in the decode
+    # kernel scoring), which XLA:CPU runs faster than [G, D] x [D, K*bs]
+    s = jnp.einsum("bhcsd,bhcnd->bhcsn", kb, qm) * scale
+    s = jnp.where(ok.reshape(b, hkv, c, nsl * bs, 1), s, -jnp.inf)
+    m = s.max(axis=-2)
+    p = jnp.exp(s - m[..., None, :])
+    l = p.sum(axis=-2)
+    o = jnp.einsum("bhcsn,bhcsd->bhcnd", p, vb) / l[..., None]
     o = o.transpose(0, 2, 1, 3, 4).reshape(b, c, hq, d)
     return o, (m + jnp.log(l)).reshape(b * hkv, c, g)
 
