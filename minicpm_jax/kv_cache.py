@@ -58,3 +58,14 @@ def write_rows(buf: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.nd
     """Write new [B, T, ...] into buf [B, S, ...] at per-row slot offsets start [B]."""
     return jax.vmap(lambda b, x, s: jax.lax.dynamic_update_slice_in_dim(b, x, s, axis=0))(buf, new.astype(buf.dtype),
                                                                                          start)
+
+
+def truncate_cache(cache: KVCache, cfg: ModelConfig, lengths: jnp.ndarray) -> KVCache:
+    """Roll rows back to `lengths` [B] tokens (each <= the row's current length), e.g. after speculative tokens were
+    rejected. Slots past a row's length are ignored by every attention path and overwritten by the next write, so
+    only the lengths (and the compressed-key counts of the sparse cache) change: O(B) work, no copy."""
+    lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), cache.lengths)
+    sparse = cache.sparse
+    if sparse is not None:
+        sparse = sp.rollback_compressed_cache(sparse, jnp.broadcast_to(lengths, sparse.count.shape), cfg.sparse_config)
+    return cache.replace(lengths=lengths, sparse=sparse)

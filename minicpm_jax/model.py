@@ -155,10 +155,10 @@ class Attention(nn.Module):
                 raise ValueError("sparse decode needs a KVCache built with a compressed-key cache "
                                  "(init_cache(..., attention='sparse'))")
             return dense(), sc
-        if q.shape[1] != 1:
-            raise ValueError(f"sparse decode takes one new token per step, got {q.shape[1]}")
         scfg = cfg.sparse_config
-        sc = sp.update_compressed_cache(sc, kc, valid_lengths, scfg)
+        # T new keys complete at most T // stride + 1 kernels (coarse kernels have a larger stride)
+        sc = sp.update_compressed_cache(sc, kc, valid_lengths, scfg,
+                                        max_new_kernels=q.shape[1] // scfg.kernel_stride + 1)
 
         def sparse():
             layout = attention_layout(q.shape[0], q.shape[2], kc.shape[2])

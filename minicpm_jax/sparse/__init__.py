@@ -9,8 +9,9 @@ Public API (the model calls these; details in dispatch.py, decode.py, compress.p
   init_compressed_cache(batch, max_len, num_kv_heads, head_dim, cfg, dtype)
   compressed_cache_from_keys(k_cache, lengths, cfg, max_len=None, dtype=None)
   update_compressed_cache(ccache, k_cache, new_lengths, cfg, *, max_new_kernels=1)
+  rollback_compressed_cache(ccache, lengths, cfg)                   forget kernels of tokens >= lengths
   infllm_v2_decode(q, k_cache, v_cache, lengths, ccache, cfg, impl="xla"|"pallas"|"reference", *, q_score=None,
-                   k_score_cache=None, ...)                         -> [B, 1, Hq, D]
+                   k_score_cache=None, ...)                         -> [B, T, Hq, D] (the last T tokens)
 
 What each impl supports:
   reference  exact O(Tq*Tk) masked attention; any group size; lse_approx; use_nope (q_score/k_score); q_offset.
@@ -35,10 +36,10 @@ lse_approx, before any coarse kernel is complete the exact fine-kernel normalise
 """
 
 from minicpm_jax.sparse.compress import (CompressedKeyCache, compressed_cache_from_keys, init_compressed_cache,
-                                         update_compressed_cache)
+                                         rollback_compressed_cache, update_compressed_cache)
 from minicpm_jax.sparse.config import SparseConfig
 from minicpm_jax.sparse.decode import infllm_v2_decode
 from minicpm_jax.sparse.dispatch import infllm_v2_attention, select_blocks
 
 __all__ = ["SparseConfig", "select_blocks", "infllm_v2_attention", "CompressedKeyCache", "init_compressed_cache",
-           "compressed_cache_from_keys", "update_compressed_cache", "infllm_v2_decode"]
+           "compressed_cache_from_keys", "update_compressed_cache", "rollback_compressed_cache", "infllm_v2_decode"]

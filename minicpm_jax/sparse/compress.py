@@ -58,7 +58,8 @@ def compress_keys(k: jax.Array, kernel_size: int, stride: int) -> jax.Array:
 class CompressedKeyCache:
     """Decode-time compressed keys, one row per batch element (rows may have different lengths).
 
-    kc:      [B, max_kernels, Hkv, D]   mean-pooled kernels (kernel_size / kernel_stride); rows >= count are zero.
+    kc:      [B, max_kernels, Hkv, D]   mean-pooled kernels (kernel_size / kernel_stride); rows >= count are
+                                       never read (zero, unless a rollback left old kernels there).
     count:   [B] int32                  complete kernels stored per row (= num_kernels(length) when up to date).
     kc2:     [B, max_kernels2, Hkv, D] or None   coarse kernels (lse_approx only).
     count2:  [B] int32 or None
@@ -129,9 +130,9 @@ def _append(kc, count, k_cache, new_lengths, ks, st, max_new):
             start = jnp.clip(j * st, 0, max(s - ks, 0))
             win = jax.lax.dynamic_slice(k_r, (start, 0, 0), (min(ks, s), h, d)).astype(jnp.float32)
             mean = win.reshape(ks // st, st, h, d).sum(axis=1).sum(axis=0) / ks if s >= ks else jnp.zeros((h, d))
-            # Row j is zero until its kernel completes (rows >= count are zero), so writing 0 there when it has
-            # not keeps it, and the old value is never read (reading it made XLA copy the donated cache first);
-            # j past the capacity is dropped.
+            # Rows >= count are never read, so row j can be written whether or not its kernel is complete (0
+            # if not, keeping a fresh cache all-zero there); not reading the old row keeps XLA from copying the
+            # donated cache first. j past the capacity is dropped.
             done = (j < target_r).astype(kc_r.dtype)
             kc_r = kc_r.at[j * h + jnp.arange(h)].set(mean.astype(kc_r.dtype) * done, mode="drop")
         new_count = jnp.minimum(jnp.minimum(target_r, count_r + max_new), n_rows)
@@ -157,3 +158,17 @@ def update_compressed_cache(ccache: CompressedKeyCache, k_cache: jax.Array, new_
     ks2, st2 = coarse_sizes(cfg)
     kc2, count2 = _append(ccache.kc2, ccache.count2, k_cache, new_lengths, ks2, st2, max_new_kernels)
     return CompressedKeyCache(kc, count, kc2, count2)
+
+
+def rollback_compressed_cache(ccache: CompressedKeyCache, lengths: jax.Array, cfg: SparseConfig) -> CompressedKeyCache:
+    """Forget the kernels completed by tokens at positions >= lengths [B] (e.g. rejected speculative tokens).
+
+    Only `count` changes: stored rows past it are never read and are overwritten as the row grows again. Rows
+    already shorter are left as they are. Works on any leading batch shape of count (e.g. [L, B] stacked layers)."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    count = jnp.minimum(ccache.count, num_kernels(lengths, cfg.kernel_size, cfg.kernel_stride).astype(jnp.int32))
+    if ccache.kc2 is None:
+        return ccache.replace(count=count)
+    ks2, st2 = coarse_sizes(cfg)
+    count2 = jnp.minimum(ccache.count2, num_kernels(lengths, ks2, st2).astype(jnp.int32))
+    return ccache.replace(count=count, count2=count2)

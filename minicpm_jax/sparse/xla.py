@@ -59,10 +59,10 @@ def _gather_blocks(k, idx, bs):
 
 
 def _chunk_fwd_all_blocks(q, t, idx, count, k, v, cfg):
-    """Decode form: q [B,1,Hq,D]; gather every listed block and do one softmax over them.
+    """Decode form: q [B,C,Hq,D] (one or a few queries); each query gathers its listed blocks, one softmax over them.
 
     With a single query nothing is shared between queries and ~96 blocks fit in cache, so one [G, D] x [D, K*bs]
-    product per group is simplest and fastest. Returns out [B,1,Hq,D] f32 and lse [B*Hkv,1,G].
+    product per group is simplest and fastest. Returns out [B,C,Hq,D] f32 and lse [B*Hkv,C,G].
     """
     b, c, hq, d = q.shape
     hkv = k.shape[2]
@@ -87,6 +87,15 @@ def _chunk_fwd_all_blocks(q, t, idx, count, k, v, cfg):
     o = jnp.einsum("bhcsn,bhcsd->bhcnd", p, vb) / l[..., None]
     o = o.transpose(0, 2, 1, 3, 4).reshape(b, c, hq, d)
     return o, (m + jnp.log(l)).reshape(b * hkv, c, g)
+
+
+def sparse_decode_xla(q, k, v, lists: BlockLists, t, cfg: SparseConfig) -> jax.Array:
+    """Forward-only attention of a few decode queries q [B,C,Hq,D] at positions t [B,C] over the blocks in `lists`
+    ([B,Hkv,C,K]); k, v: the cache [B,S,Hkv,D]. Returns [B,C,Hq,D] in q.dtype."""
+    if k.shape[1] < cfg.block_size:  # block slices read whole blocks (as in sparse_attention_xla)
+        pad = ((0, 0), (0, cfg.block_size - k.shape[1]), (0, 0), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    return _chunk_fwd_all_blocks(q, t, lists.idx, lists.count, k, v, cfg)[0].astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------ layouts
