@@ -18,17 +18,18 @@ import numpy as np
 from minicpm_jax.attention_plan import check_mode
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.kv_cache import KVCache, init_cache
-from minicpm_jax.model import MiniCPM
+from minicpm_jax.model import MiniCPM, compute_logits
 from minicpm_jax.sampling import GenerationSettings, sample_token
 
 
 def _apply_with_cache(params, cfg, attention, mode, tokens, positions, q_slot, cache: KVCache, write_start,
-                      valid_lengths, logits_index):
+                      valid_lengths, logits_index, return_hidden=False):
     model = MiniCPM(cfg, attention, mode)
-    logits, (k, v, sc) = model.apply({"params": params}, tokens, positions, q_slot,
-                                     cache=(cache.k, cache.v, cache.sparse), write_start=write_start,
-                                     valid_lengths=valid_lengths, kv_len=valid_lengths, logits_index=logits_index)
-    return logits, KVCache(k=k, v=v, lengths=valid_lengths.astype(jnp.int32), sparse=sc)
+    out, (k, v, sc) = model.apply({"params": params}, tokens, positions, q_slot,
+                                  cache=(cache.k, cache.v, cache.sparse), write_start=write_start,
+                                  valid_lengths=valid_lengths, kv_len=valid_lengths, logits_index=logits_index,
+                                  return_hidden=return_hidden)
+    return out, KVCache(k=k, v=v, lengths=valid_lengths.astype(jnp.int32), sparse=sc)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
@@ -58,6 +59,32 @@ def decode_step(params, cfg: ModelConfig, tokens: jnp.ndarray, cache: KVCache, a
     logits, cache = _apply_with_cache(params, cfg, attention, "decode", tokens, slots, slots, cache, start, start + t,
                                       None)
     return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
+def prefill_with_hidden(params, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarray, cache: KVCache,
+                        attention: str = "auto"):
+    """`prefill` that also returns the final hidden state of every prompt position (what a draft head reads).
+
+    Returns (logits float32 [B, V] at each row's last prompt token, hidden [B, T, H] (÷ width_mult, before the
+    head; padding positions hold garbage), cache)."""
+    b, t = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, cache = _apply_with_cache(params, cfg, attention, "prefill", tokens, pos, pos, cache,
+                                      jnp.zeros((b,), jnp.int32), lengths, None, return_hidden=True)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+    return compute_logits(params, cfg, last)[:, 0], hidden, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
+def decode_step_with_hidden(params, cfg: ModelConfig, tokens: jnp.ndarray, cache: KVCache, attention: str = "auto"):
+    """`decode_step` that also returns the final hidden states: (logits [B, T, V], hidden [B, T, H], cache)."""
+    b, t = tokens.shape
+    start = cache.lengths
+    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    hidden, cache = _apply_with_cache(params, cfg, attention, "decode", tokens, slots, slots, cache, start, start + t,
+                                      None, return_hidden=True)
+    return compute_logits(params, cfg, hidden), hidden, cache
 
 
 @dataclasses.dataclass
@@ -107,19 +134,23 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def generate(params, cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int = 32,
-             *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng: Optional[jax.Array] = None,
-             eos_token_id: Optional[Sequence[int] | int] = None, pad_id: Optional[int] = None,
-             attention: str = "auto") -> GenerateResult:
-    """Generate continuations for a batch of prompts of different lengths (one jitted prefill + decode loop).
+@dataclasses.dataclass
+class Prompts:
+    """A batch of prompts ready for a jitted generation loop: tokens int32 [B, T] right-padded (T bucketed to 16),
+    lengths int32 [B], capacity (cache slots), eos int32 [E] (-1 when none), pad int32 scalar."""
 
-    Args:
-      prompt_ids: a list of token-id lists, or an int array [B, T] of equal-length prompts.
-      temperature: 0 = greedy; otherwise sample from softmax(logits / temperature) after top-k / top-p filtering.
-      eos_token_id: ids that stop a row (default: cfg.eos_token_id); pass [] to never stop early.
-      attention: "auto" | "dense" | "sparse" (see `forward`).
-    """
-    check_mode(attention)
+    tokens: jnp.ndarray
+    lengths: jnp.ndarray
+    capacity: int
+    eos: jnp.ndarray
+    pad: jnp.ndarray
+
+
+def prepare_prompts(cfg: ModelConfig, prompt_ids, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                    eos_token_id=None, pad_id: Optional[int] = None, extra_capacity: int = 0) -> Prompts:
+    """Validate prompts and knobs (ValueError naming the problem) and pad them into one batch.
+
+    extra_capacity: cache slots beyond prompt + max_new_tokens (speculative decoding writes k+1 ahead)."""
     if isinstance(prompt_ids, np.ndarray) or hasattr(prompt_ids, "shape"):
         prompt_ids = [list(map(int, row)) for row in np.asarray(prompt_ids)]
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
@@ -141,12 +172,29 @@ def generate(params, cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]] | np.
     tokens = np.full((b, t), pad, np.int32)
     for i, p in enumerate(prompt_ids):
         tokens[i, :len(p)] = p
-    capacity = _round_up(t + max_new_tokens, 16)
     eos = cfg.eos_ids if eos_token_id is None else ((eos_token_id,) if isinstance(eos_token_id, int)
                                                     else tuple(eos_token_id))
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    return Prompts(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
+                   capacity=_round_up(t + max_new_tokens + extra_capacity, 16),
+                   eos=jnp.asarray(eos if eos else (-1,), jnp.int32), pad=jnp.int32(pad))
+
+
+def generate(params, cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int = 32,
+             *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng: Optional[jax.Array] = None,
+             eos_token_id: Optional[Sequence[int] | int] = None, pad_id: Optional[int] = None,
+             attention: str = "auto") -> GenerateResult:
+    """Generate continuations for a batch of prompts of different lengths (one jitted prefill + decode loop).
+
+    Args:
+      prompt_ids: a list of token-id lists, or an int array [B, T] of equal-length prompts.
+      temperature: 0 = greedy; otherwise sample from softmax(logits / temperature) after top-k / top-p filtering.
+      eos_token_id: ids that stop a row (default: cfg.eos_token_id); pass [] to never stop early.
+      attention: "auto" | "dense" | "sparse" (see `forward`).
+    """
+    check_mode(attention)
+    prep = prepare_prompts(cfg, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_id)
     rng = jax.random.key(0) if rng is None else rng
-    out, n_gen, done = _generate(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), rng,
-                                 jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), eos_arr,
-                                 jnp.int32(pad), max_new_tokens, capacity, attention)
+    out, n_gen, done = _generate(params, cfg, prep.tokens, prep.lengths, rng, jnp.float32(temperature),
+                                 jnp.int32(top_k), jnp.float32(top_p), prep.eos, prep.pad, max_new_tokens,
+                                 prep.capacity, attention)
     return GenerateResult(tokens=np.asarray(out), lengths=np.asarray(n_gen), finished=np.asarray(done))

@@ -1,0 +1,161 @@
+"""Speculative decoding with an EAGLE draft head: draft k tokens (a chain), verify them in one target pass over the
+cached KV, keep the longest agreeing prefix plus one target token, roll both caches back past the rest.
+
+Per row and step, with the target cache holding positions < L and `cur` (the last emitted token) at position L:
+  1. the draft proposes d_1..d_k: d_1 from its output for the pair (F_{L-1}, cur), then one draft-layer step per
+     further token on its own predicted features;
+  2. the target runs [cur, d_1..d_k] at positions L..L+k in one cached step (dense or InfLLM v2), giving logits and
+     features F_L..F_{L+k};
+  3. `verify` keeps n drafted tokens and picks the next one (greedy: exactly the target's greedy tokens; sampling:
+     exactly the target's distribution);
+  4. the target cache is cut to L+n+1; the draft cache is cut to L and re-run on the true features
+     (F_L..F_{L+n} paired with d_1..d_n, next), which also gives its first proposal for the next step.
+Rows accept different n; finished rows stop changing. Everything runs in one jitted while loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minicpm_jax.attention_plan import check_mode
+from minicpm_jax.config import ModelConfig
+from minicpm_jax.decode import GenerateResult, decode_step_with_hidden, prefill_with_hidden, prepare_prompts
+from minicpm_jax.kv_cache import init_cache, truncate_cache
+from minicpm_jax.sampling import filtered_logits, sample_token
+from minicpm_jax.speculative.draft import Draft, draft_apply, fr_to_vocab, init_draft_cache
+from minicpm_jax.speculative.verify import accept_greedy, accept_sampled
+
+
+@dataclasses.dataclass
+class SpeculativeResult(GenerateResult):
+    """GenerateResult plus, per row: target_passes (verification passes, the prefill not counted) and accepted
+    (drafted tokens kept, summed over steps). Mean accepted length per step = (accepted + passes) / passes."""
+
+    target_passes: np.ndarray = None
+    accepted: np.ndarray = None
+
+
+def _draft_tokens(fr_logits, fr_ids, vocab_size, rng, temperature):
+    """One drafted token per row from FR logits [B, N]: argmax (greedy) or a sample at `temperature`; also the
+    full-vocabulary logits of the distribution it was drawn from (for the acceptance ratio)."""
+    q = fr_logits / jnp.maximum(temperature, 1e-6)
+    pick = jnp.where(temperature > 0, jax.random.categorical(rng, q, axis=-1), jnp.argmax(fr_logits, axis=-1))
+    return fr_ids[pick].astype(jnp.int32), fr_to_vocab(q, fr_ids, vocab_size)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "k", "max_new_tokens", "capacity", "attention"))
+def _speculative(params, draft_params, fr_ids, embedding, tokens, lengths, rng, temperature, top_k, top_p, eos,
+                 pad_id, *, cfg: ModelConfig, draft_cfg: ModelConfig, k: int, max_new_tokens: int, capacity: int,
+                 attention: str):
+    b, t = tokens.shape
+    draft = Draft(draft_params, fr_ids, draft_cfg)
+    greedy = temperature <= 0
+    tcache = init_cache(cfg, b, capacity, attention)
+    logits0, feats, tcache = prefill_with_hidden(params, cfg, tokens, lengths, tcache, attention)
+    rng, sub = jax.random.split(rng)
+    cur = sample_token(logits0, sub, temperature, top_k, top_p)
+
+    # draft prefill: pairs (F_j, token_{j+1}) for j < length, the last one (F_{len-1}, cur)
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.full((b, 1), pad_id, jnp.int32)], axis=1)
+    nxt = jnp.where(jnp.arange(t)[None] == (lengths - 1)[:, None], cur[:, None], nxt)
+    dcache = init_draft_cache(draft, b, capacity)
+    h, fr, dcache = draft_apply(draft, embedding, feats, nxt, dcache)
+    dcache = truncate_cache(dcache, draft_cfg, lengths)
+    d_feat = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    d_fr = jnp.take_along_axis(fr, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(cur)
+    n_gen = jnp.ones((b,), jnp.int32)
+    hit_eos = jnp.isin(cur, eos)
+    done = hit_eos | (max_new_tokens <= 1)
+    zeros = jnp.zeros((b,), jnp.int32)
+
+    def cond(s):
+        return ~jnp.all(s["done"])
+
+    def body(s):
+        rng, r_draft, r_acc = jax.random.split(s["rng"], 3)
+        r_draft = jax.random.split(r_draft, k)
+        tc, dc, active = s["tcache"], s["dcache"], ~s["done"]
+        base = tc.lengths                                                   # L: cur sits at position L
+        # 1. draft a chain of k tokens
+        d, q = _draft_tokens(s["d_fr"], fr_ids, cfg.vocab_size, r_draft[0], temperature)
+        drafted, q_all, feat = [d], [q], s["d_feat"]
+        for i in range(1, k):
+            hi, fri, dc = draft_apply(draft, embedding, feat[:, None], drafted[-1][:, None], dc)
+            feat = hi[:, 0]
+            d, q = _draft_tokens(fri[:, 0], fr_ids, cfg.vocab_size, r_draft[i], temperature)
+            drafted.append(d)
+            q_all.append(q)
+        drafted = jnp.stack(drafted, axis=1)                                # [B, k]
+        # 2. verify [cur, d_1..d_k] in one target pass
+        seq = jnp.concatenate([s["cur"][:, None], drafted], axis=1)
+        logits, hid, tc = decode_step_with_hidden(params, cfg, seq, tc, attention)
+        # 3. accept
+        n_g, next_g = accept_greedy(logits, drafted)
+        p = filtered_logits(logits, temperature, top_k, top_p)
+        n_s, next_s = accept_sampled(p, jnp.stack(q_all, axis=1), drafted, r_acc)
+        n = jnp.where(greedy, n_g, n_s)
+        nxt_tok = jnp.where(greedy, next_g, next_s)
+        # emitted this step: d_1..d_n, next; cut at the first EOS and at max_new_tokens
+        new = jnp.where(jnp.arange(k + 1)[None] < n[:, None],
+                        jnp.concatenate([drafted, drafted[:, :1]], axis=1), nxt_tok[:, None])
+        is_eos = jnp.isin(new, eos) & (jnp.arange(k + 1)[None] <= n[:, None])
+        first_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1), k + 1)
+        count = jnp.minimum(jnp.minimum(n + 1, first_eos + 1), max_new_tokens - s["n_gen"])
+        count = jnp.where(active, count, 0)
+        slot = s["n_gen"][:, None] + jnp.arange(k + 1)[None]
+        slot = jnp.where(jnp.arange(k + 1)[None] < count[:, None], slot, max_new_tokens)   # past the end: dropped
+        out_ = s["out"].at[jnp.arange(b)[:, None], slot].set(new, mode="drop")
+        n_gen = s["n_gen"] + count
+        hit_eos = s["hit_eos"] | (active & (first_eos < count))
+        done = s["done"] | hit_eos | (n_gen >= max_new_tokens)
+        # 4. roll back: the target keeps cur and d_1..d_n; the draft is re-run on the true features
+        keep = jnp.where(active, base + n + 1, base)
+        tc = truncate_cache(tc, cfg, keep)
+        dc = truncate_cache(dc, draft_cfg, base)
+        pair_ids = jnp.where(jnp.arange(k + 1)[None] < n[:, None], new, nxt_tok[:, None])
+        h, fr, dc = draft_apply(draft, embedding, hid, pair_ids, dc)
+        dc = truncate_cache(dc, draft_cfg, keep)
+        pick = lambda x: jnp.take_along_axis(x, n[:, None, None], axis=1)[:, 0]
+        keep_old = lambda old, new_: jnp.where(active[:, None], new_, old)
+        return dict(rng=rng, tcache=tc, dcache=dc, cur=jnp.where(active, nxt_tok, s["cur"]),
+                    d_feat=keep_old(s["d_feat"], pick(h)), d_fr=keep_old(s["d_fr"], pick(fr)), out=out_,
+                    n_gen=n_gen, done=done, hit_eos=hit_eos, passes=s["passes"] + active.astype(jnp.int32),
+                    accepted=s["accepted"] + jnp.where(active, jnp.minimum(n, count), 0))
+
+    s = dict(rng=rng, tcache=tcache, dcache=dcache, cur=cur, d_feat=d_feat, d_fr=d_fr, out=out, n_gen=n_gen,
+             done=done, hit_eos=hit_eos, passes=zeros, accepted=zeros)
+    s = jax.lax.while_loop(cond, body, s)
+    return s["out"], s["n_gen"], s["hit_eos"], s["passes"], s["accepted"]
+
+
+def speculative_generate(params, cfg: ModelConfig, draft: Draft, prompt_ids, max_new_tokens: int = 32, *, k: int = 4,
+                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng: Optional[jax.Array] = None,
+                         eos_token_id: Optional[Sequence[int] | int] = None, pad_id: Optional[int] = None,
+                         attention: str = "auto") -> SpeculativeResult:
+    """`generate` with a draft head proposing k tokens per target pass (arguments as in `generate`).
+
+    Greedy (temperature 0) returns exactly the tokens of `generate`; with sampling every token is distributed as
+    `generate`'s (same temperature / top-k / top-p), though not the same draws for a given rng."""
+    check_mode(attention)
+    if k < 1:
+        raise ValueError(f"speculative decoding needs k >= 1 drafted tokens per step, got {k}")
+    if draft.cfg.hidden_size != cfg.hidden_size:
+        raise ValueError(f"the draft head was built for hidden size {draft.cfg.hidden_size}, the target has "
+                         f"{cfg.hidden_size}")
+    prep = prepare_prompts(cfg, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_id,
+                           extra_capacity=k + 1)
+    rng = jax.random.key(0) if rng is None else rng
+    out, n_gen, done, passes, accepted = _speculative(
+        params, draft.params, draft.fr_ids, params["embed_tokens"], prep.tokens, prep.lengths, rng,
+        jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), prep.eos, prep.pad, cfg=cfg,
+        draft_cfg=draft.cfg, k=int(k), max_new_tokens=max_new_tokens, capacity=prep.capacity, attention=attention)
+    return SpeculativeResult(tokens=np.asarray(out), lengths=np.asarray(n_gen), finished=np.asarray(done),
+                             target_passes=np.asarray(passes), accepted=np.asarray(accepted))
