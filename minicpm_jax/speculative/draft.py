@@ -47,9 +47,12 @@ class EagleDraft(nn.Module):
     cache_mode: str = "none"
 
     @nn.compact
-    def __call__(self, feats, next_ids, embedding, positions, cache=None, write_start=None, valid_lengths=None):
+    def __call__(self, feats, next_ids, embedding, positions, cache=None, write_start=None, valid_lengths=None,
+                 segment_ids=None):
         """feats [B,T,H] target features, next_ids int32 [B,T] (token after each feature's position), embedding
-        [V,H] (the target's), positions int32 [B,T]; cache (k, v) [B,S,Hkv,D] when cache_mode != "none".
+        [V,H] (the target's), positions int32 [B,T]; cache (k, v) [B,S,Hkv,D] when cache_mode != "none";
+        segment_ids int32 [B,T] for packed training rows (cache_mode "none"; positions then restart per document,
+        while the causal mask follows the slot index).
         Returns (predicted features [B,T,H], FR logits float32 [B,T,N], new (k, v) or None)."""
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
@@ -60,8 +63,11 @@ class EagleDraft(nn.Module):
         kv_len = None if valid_lengths is None else valid_lengths
         cos, sin = rope_cos_sin(cfg, positions, positions.shape[1] if kv_len is None else kv_len)
         layer_cache = None if cache is None else (cache[0], cache[1], None)
+        # the causal mask runs on slots: the cache slots when decoding (= positions), the row index when training
+        q_slot = positions if cache is not None else jnp.broadcast_to(
+            jnp.arange(positions.shape[1], dtype=jnp.int32), positions.shape)
         h, new_cache = DecoderLayer(cfg, "dense", self.cache_mode, name="layer")(
-            x, layer_cache, cos, sin, positions, None, write_start, valid_lengths)
+            x, layer_cache, cos, sin, q_slot, segment_ids, write_start, valid_lengths)
         head = self.param("fr_head", nn.initializers.normal(cfg.initializer_range), (cfg.hidden_size, self.fr_size),
                           dtype_of(cfg.param_dtype))
         logits = jnp.einsum("...e,en->...n", h.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
