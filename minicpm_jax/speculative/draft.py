@@ -1,15 +1,20 @@
 """EAGLE-2 style draft head (spec §5.2): one decoder layer of the target's family over (feature, next token).
 
-    x_j   = fc([f_j ; embed(token_{j+1}) * scale_emb])        f_j: the target's final hidden state at position j
-    f'_j  = DecoderLayer(x_j)  at position j, own KV cache     (predicts f_{j+1}, the feature regression target)
-    logits over the FR-Spec ids = f'_j @ fr_head               (N of the V ids; FR-Spec)
+    x_j   = fc([RMSNorm_e(embed(token_{j+1})) ; RMSNorm_h(f_j)])   f_j: the target's final feature at position j
+    f'_j  = DecoderLayer(x_j)  at position j, own KV cache          (predicts f_{j+1}: the feature regression target)
+    logits over the FR-Spec ids = f'_j @ fr_head                    (N of the V ids; FR-Spec)
 
-The token embedding is the target's (shared, not owned); the draft's own parameters are fc (with bias, as EAGLE),
-one layer, and the FR head. Everything is explicit: params pytree in, cache pytree in and out.
+As OpenBMB ships its heads (CPM.cu `speculative/eagle.py`, spec §3 "MTP / EAGLE head as shipped"): the fc input
+is [embedding, hidden] in that order, each half through its own RMSNorm, and the layer counts as layer L+1 of the
+target (residual scale scale_depth / sqrt(L+1)). fc has a bias as in EAGLE (UNCONFIRMED for the shipped heads).
+The token embedding is the target's (shared, not owned); the draft's own parameters are the two norms, fc, one
+layer and the FR head, whose default init is the target's head restricted to the FR ids (so an untrained draft
+already scores its predicted features as the target would). Params pytree in, cache pytree in and out.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
@@ -19,15 +24,16 @@ import numpy as np
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.kv_cache import KVCache, init_cache
-from minicpm_jax.layers import dtype_of
+from minicpm_jax.layers import RMSNorm, dtype_of, hidden_init_std
 from minicpm_jax.model import DecoderLayer
 from minicpm_jax.rope import rope_cos_sin
 
 
 def draft_layer_config(target: ModelConfig) -> ModelConfig:
-    """The draft layer's config: the target's shapes, one layer, dense attention (it sees short histories only
-    in the sense that matters: its cost is one layer's)."""
-    return target.replace(num_hidden_layers=1, sparse_config=None)
+    """The draft layer's config: the target's shapes, one layer, dense attention, and the residual scale of a
+    layer L+1 of the target: scale_depth / sqrt(L+1) (set through scale_depth, since one layer divides by 1)."""
+    return target.replace(num_hidden_layers=1, sparse_config=None,
+                          scale_depth=target.scale_depth / math.sqrt(target.num_hidden_layers + 1))
 
 
 class Draft(NamedTuple):
@@ -56,10 +62,11 @@ class EagleDraft(nn.Module):
         Returns (predicted features [B,T,H], FR logits float32 [B,T,N], new (k, v) or None)."""
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
-        e = jnp.take(embedding, next_ids, axis=0).astype(dtype) * jnp.asarray(cfg.scale_emb, dtype)
+        e = RMSNorm(cfg, name="embed_norm")(jnp.take(embedding, next_ids, axis=0).astype(dtype))
+        f = RMSNorm(cfg, name="hidden_norm")(feats.astype(dtype))
         x = nn.Dense(cfg.hidden_size, use_bias=True, dtype=dtype, param_dtype=dtype_of(cfg.param_dtype),
-                     kernel_init=nn.initializers.normal(cfg.initializer_range), name="fc")(
-            jnp.concatenate([feats.astype(dtype), e], axis=-1))
+                     kernel_init=nn.initializers.normal(hidden_init_std(cfg)), name="fc")(
+            jnp.concatenate([e, f], axis=-1))
         kv_len = None if valid_lengths is None else valid_lengths
         cos, sin = rope_cos_sin(cfg, positions, positions.shape[1] if kv_len is None else kv_len)
         layer_cache = None if cache is None else (cache[0], cache[1], None)
@@ -74,8 +81,11 @@ class EagleDraft(nn.Module):
         return h, logits, (None if new_cache is None else new_cache[:2])
 
 
-def init_draft(target: ModelConfig, fr_ids, rng: jax.Array) -> Draft:
-    """A freshly initialised draft head for `target` over the FR-Spec ids `fr_ids` (int [N], sorted, unique)."""
+def init_draft(target: ModelConfig, fr_ids, rng: jax.Array, target_params=None) -> Draft:
+    """A freshly initialised draft head for `target` over the FR-Spec ids `fr_ids` (int [N], sorted, unique).
+
+    target_params: when given, the FR head starts as the target's head at the FR ids (its lm_head columns, or
+    the embedding rows when tied); otherwise random."""
     fr_ids = np.asarray(fr_ids, np.int32)
     if fr_ids.ndim != 1 or fr_ids.size == 0 or np.any(np.diff(fr_ids) <= 0) or fr_ids[0] < 0 \
             or fr_ids[-1] >= target.vocab_size:
@@ -85,7 +95,12 @@ def init_draft(target: ModelConfig, fr_ids, rng: jax.Array) -> Draft:
     module = EagleDraft(cfg, int(fr_ids.size))
     params = module.init(rng, jnp.zeros((1, 1, h)), jnp.zeros((1, 1), jnp.int32),
                          jnp.zeros((target.vocab_size, h)), jnp.zeros((1, 1), jnp.int32))["params"]
-    return Draft(nn.unbox(params), jnp.asarray(fr_ids), cfg)
+    params = nn.unbox(params)
+    if target_params is not None:
+        head = target_params["embed_tokens"][fr_ids].T if target.tie_word_embeddings else \
+            target_params["lm_head"][:, fr_ids]
+        params = {**params, "fr_head": jnp.asarray(head, params["fr_head"].dtype)}
+    return Draft(params, jnp.asarray(fr_ids), cfg)
 
 
 def init_draft_cache(draft: Draft, batch: int, capacity: int) -> KVCache:

@@ -71,13 +71,13 @@ def target():
 
 
 def repeat_draft(cfg, params, fr_ids) -> Draft:
-    """A draft that proposes its input token again: fc passes the embedding through, the layer adds nothing, and
-    the FR head scores by similarity to the embeddings (the random tiny target repeats tokens a lot, so many
+    """A draft that proposes its input token again: fc passes the (normalised) embedding through, the layer adds
+    nothing, and the FR head scores by similarity to the embeddings (the random tiny target repeats tokens a lot, so many
     proposals are kept, some rejected: every branch of the loop runs)."""
     d = init_draft(cfg, fr_ids, jax.random.key(3))
     h = cfg.hidden_size
     p = jax.tree.map(jnp.asarray, d.params)
-    p["fc"]["kernel"] = jnp.concatenate([jnp.zeros((h, h)), jnp.eye(h)], axis=0)
+    p["fc"]["kernel"] = jnp.concatenate([jnp.eye(h), jnp.zeros((h, h))], axis=0)   # [embedding, hidden] order
     p["fc"]["bias"] = jnp.zeros((h,))
     p["layer"]["self_attn"]["o_proj"]["kernel"] = jnp.zeros_like(p["layer"]["self_attn"]["o_proj"]["kernel"])
     p["layer"]["mlp"]["down_proj"]["kernel"] = jnp.zeros_like(p["layer"]["mlp"]["down_proj"]["kernel"])
