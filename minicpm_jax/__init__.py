@@ -5,6 +5,7 @@
     params = mc.init_params(cfg, jax.random.key(0))
     logits = mc.forward(params, cfg, input_ids)
     out = mc.generate(params, cfg, [[1, 42, 7]], max_new_tokens=16)
+    out = mc.generate(params, cfg, [[1, 42, 7]], max_new_tokens=16, draft=draft)   # speculative (EAGLE head)
     w = mc.load_weights("runs/tiny")     # a training run (or one --step of it) or an HF checkpoint directory
 """
 
@@ -13,7 +14,8 @@ import importlib
 from minicpm_jax import sparse
 from minicpm_jax.config import ModelConfig, RopeScaling
 from minicpm_jax.convert.hf import load_hf, save_hf
-from minicpm_jax.decode import GenerateResult, decode_step, generate, prefill
+from minicpm_jax.decode import GenerateResult, decode_step, prefill
+from minicpm_jax.generation import generate
 from minicpm_jax.kv_cache import KVCache, init_cache
 from minicpm_jax.model import MiniCPM, abstract_params, compute_logits, forward, init_params, param_logical_axes
 from minicpm_jax.sparse.config import SparseConfig

@@ -98,7 +98,7 @@ def test_greedy_speculative_equals_greedy(target, attention, lengths, which):
     draft = init_draft(cfg, fr, jax.random.key(2)) if which == "random" else repeat_draft(cfg, params, fr)
     prompts = prompts_of(lengths)
     ref = mc.generate(params, cfg, prompts, 24, eos_token_id=[], attention=attention)
-    out = speculative_generate(params, cfg, draft, prompts, 24, k=3, eos_token_id=[], attention=attention)
+    out = mc.generate(params, cfg, prompts, 24, draft=draft, draft_tokens=3, eos_token_id=[], attention=attention)
     assert out.sequences() == ref.sequences()
     assert out.lengths.tolist() == [24] * len(prompts)
     if which == "repeat":
