@@ -10,6 +10,7 @@ import minicpm_jax as mc
 from data_pipeline.tokenizer import Tokenizer
 from minicpm_jax.export.llamacpp import generate_text
 from minicpm_jax.sampling import GenerationSettings
+from minicpm_jax.speculative.hf import load_draft_hf
 from minicpm_jax.weights import load_weights
 
 
@@ -34,6 +35,9 @@ def register(sub) -> None:
                         "(default: refuse)")
     p.add_argument("--attention", default=None, choices=("auto", "dense", "sparse"),
                    help="default: the run's model.attention (auto for HF checkpoints and presets)")
+    p.add_argument("--draft", default=None,
+                   help="an EAGLE draft head directory (minicpm_jax.speculative.hf): decode speculatively (JAX only)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per target pass")
     p.set_defaults(func=cmd_generate)
 
 
@@ -51,6 +55,8 @@ def cmd_generate(args) -> int:
     except ValueError:
         raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)   # one check for both
+    if args.draft and args.gguf:
+        raise ValueError("--draft runs speculative decoding in JAX; it does not apply to --gguf")
     if args.gguf:
         print(generate_text(args.gguf, prompt=args.prompt, prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -73,9 +79,14 @@ def cmd_generate(args) -> int:
                 if args.chat else args.prompt)
         prompt_ids = tokenizer.encode(text, add_bos=True)
     prompt_ids = prompt_ids[settings.fit_prompt(len(prompt_ids), cfg.max_position_embeddings, args.truncate_prompt):]
+    draft = load_draft_hf(args.draft, cfg) if args.draft else None
     out = mc.generate(params, cfg, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, rng=jax.random.key(args.seed),
-                      attention=args.attention or attention)
+                      attention=args.attention or attention, draft=draft, draft_tokens=args.draft_tokens)
     ids = out.sequences()[0]
+    if draft is not None:
+        passes, kept = int(out.target_passes[0]), int(out.accepted[0])
+        print(f"speculative: {len(ids)} tokens in {passes} target passes after the prefill ({kept} drafted tokens "
+              f"kept, {(kept + passes) / max(passes, 1):.2f} tokens per pass)", file=sys.stderr)
     print(tokenizer.decode(ids) if tokenizer is not None else ",".join(map(str, ids)))
     return 0

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import minicpm_jax as mc
+from minicpm_jax.cli import main as minicpm
 from minicpm_jax.speculative import (Draft, accept_greedy, accept_sampled, count_tokens, frequent_ids, init_draft,
                                      speculative_generate)
+from minicpm_jax.speculative.hf import load_draft_hf, save_draft_hf
 
 
 # ------------------------------------------------------------------------------------------------ FR-Spec ids
@@ -140,3 +142,31 @@ def test_bad_arguments_are_named(target):
         speculative_generate(params, cfg, draft, [[1, 2]], 4, k=0)
     with pytest.raises(ValueError, match="fr_ids"):
         init_draft(cfg, np.array([3, 2]), jax.random.key(0))
+
+
+def test_draft_directory_round_trip_and_cli(target, tmp_path, capsys):
+    """save_draft_hf / load_draft_hf keep every tensor; `minicpm generate --draft DIR` decodes speculatively and
+    prints greedy's tokens; a head built for another target is refused naming the field."""
+    cfg, params = target
+    draft = repeat_draft(cfg, params, np.arange(0, 300, 2))
+    save_draft_hf(tmp_path / "draft", draft, cfg)
+    back = load_draft_hf(tmp_path / "draft", cfg)
+    assert back.fr_ids.tolist() == draft.fr_ids.tolist()
+    for a, b in zip(jax.tree.leaves(draft.params), jax.tree.leaves(back.params)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b))
+    with pytest.raises(ValueError, match="hidden_size"):
+        load_draft_hf(tmp_path / "draft", cfg.replace(hidden_size=128, num_attention_heads=2))
+    with pytest.raises(ValueError, match="-layer target"):
+        load_draft_hf(tmp_path / "draft", cfg.replace(num_hidden_layers=3))
+    mc.save_hf(tmp_path / "target", cfg, params)
+    ids = [5, 17, 99, 3]
+    want = mc.generate(params, cfg, [ids], 12, eos_token_id=[]).sequences()[0]
+    args = ["generate", "--checkpoint", str(tmp_path / "target"), "--prompt-ids", ",".join(map(str, ids)),
+            "--max-new-tokens", "12", "--attention", "dense"]
+    assert minicpm(args + ["--draft", str(tmp_path / "draft"), "--draft-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert "tokens per pass" in out.err
+    got = [int(t) for t in out.out.strip().split(",")]
+    if cfg.eos_ids:                                  # the CLI stops at the config's EOS; greedy above did not
+        want = want[:next((i + 1 for i, t in enumerate(want) if t in cfg.eos_ids), len(want))]
+    assert got == want
