@@ -19,10 +19,11 @@ Model arguments (`--model_args k=v,...`):
   add_bos_token prepend BOS to every context (default true: how the models are trained)
   seed          sampling seed for tasks that sample (default 0; greedy tasks ignore it)
   mesh.data, mesh.fsdp, mesh.tensor
-                run on a device mesh of these sizes (the training config's `mesh.*` keys; one may be -1 for "the
-                rest"): weights placed by the logical sharding rules, rows over data/fsdp, heads over tensor. From
-                Python, `mesh=` also takes a `jax.sharding.Mesh` or a dict. Default: no explicit mesh (the weights
-                on all local devices as one fsdp axis, as `load_weights` places them)
+                run on a device mesh of these sizes, read as the experiment config's `mesh.*` keys (axes not named:
+                data 1, fsdp -1 = the rest, tensor 1): weights placed by the logical sharding rules, rows over
+                data/fsdp, heads over tensor. From Python, `mesh=` also takes a `jax.sharding.Mesh` or a dict.
+                Default: no explicit mesh (the weights on all local devices as one fsdp axis, as `load_weights`
+                places them)
 
 `loglikelihood` scores through `scoring.score_continuations` (one forward per batch, the vocabulary head only on
 continuation positions); `generate_until` decodes through `generation.generate_until` (prefill + cached decode
@@ -49,7 +50,7 @@ from minicpm_jax.evals.generation import generate_until
 from minicpm_jax.evals.lm_common import generation_groups, loglikelihood_rolling
 from minicpm_jax.evals.scoring import score_continuations
 from minicpm_jax.model import param_logical_axes
-from minicpm_jax.sharding import MESH_AXES, axis_rules, logical_shardings, make_mesh
+from minicpm_jax.sharding import axis_rules, logical_shardings, mesh_from_sizes
 from minicpm_jax.weights import HF_DTYPES, Weights, load_weights, source_kind
 
 log = logging.getLogger(__name__)
@@ -69,29 +70,15 @@ def _positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
 
 def mesh_from_args(mesh, unknown: dict[str, Any]) -> Optional[jax.sharding.Mesh]:
     """The mesh of `mesh=` (a Mesh, a {axis: size} dict or None) and of `mesh.<axis>=<size>` model arguments (popped
-    from `unknown`); None when neither is given. Sizes may be -1 ("the rest of the devices")."""
+    from `unknown`; read as the experiment config's `mesh.*` keys, `sharding.mesh_from_sizes`); None when neither
+    is given."""
     sizes = {k.split(".", 1)[1]: unknown.pop(k) for k in [k for k in unknown if k.startswith("mesh.")]}
     if isinstance(mesh, jax.sharding.Mesh):
         if sizes:
             raise ValueError("minicpm_jax: give mesh= or mesh.<axis>= model arguments, not both")
         return mesh
     sizes = {**(mesh or {}), **sizes}
-    if not sizes:
-        return None
-    bad = sorted(set(sizes) - set(MESH_AXES))
-    if bad:
-        raise ValueError(f"minicpm_jax: unknown mesh axes {bad}; axes are {MESH_AXES}")
-    try:
-        sizes = {a: int(v) for a, v in sizes.items()}
-    except (TypeError, ValueError):
-        raise ValueError(f"minicpm_jax: mesh sizes must be integers, got {sizes}") from None
-    if "fsdp" not in sizes:          # the unnamed axes are 1, not "the rest" (make_mesh's default for fsdp)
-        sizes["fsdp"] = 1
-    n = 1
-    for v in sizes.values():
-        n *= v if v > 0 else 1
-    fixed = -1 not in sizes.values()
-    return make_mesh(sizes, devices=jax.devices()[:n] if fixed else None)
+    return mesh_from_sizes(sizes) if sizes else None
 
 
 @register_model("minicpm_jax")
