@@ -42,9 +42,8 @@ from tqdm import tqdm
 
 from data_pipeline.tokenizer import BOS
 from minicpm_jax.evals.generation import cut_at_stop
-from minicpm_jax.evals.harness import _positive_int
 from minicpm_jax.evals.llama_tokenizer import LlamaCppTokenizer
-from minicpm_jax.evals.lm_common import generation_groups, loglikelihood_rolling
+from minicpm_jax.evals.lm_common import generation_groups, loglikelihood_rolling, positive_int
 from minicpm_jax.evals.scoring import truncate_request
 from minicpm_jax.export.llamacpp import check_gguf, open_model
 
@@ -86,13 +85,14 @@ class GGUFLM(TemplateLM):
             raise ValueError("minicpm_gguf: give pretrained=<file.gguf>")
         self.path = Path(pretrained)
         meta = check_gguf(self.path)            # missing / truncated / not GGUF: an error that names the file
-        self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
-        self.batch_size = 1 if batch_size == "auto" else _positive_int("batch_size", batch_size)
+        self.max_gen_toks = positive_int("minicpm_gguf", "max_gen_toks", max_gen_toks)
+        self.batch_size = 1 if batch_size == "auto" else positive_int("minicpm_gguf", "batch_size", batch_size)
         ctx = meta.get("context_length", DEFAULT_MAX_LENGTH)
-        self._max_length = _positive_int("max_length", max_length, allow_none=True) or min(ctx, DEFAULT_MAX_LENGTH)
+        self._max_length = (positive_int("minicpm_gguf", "max_length", max_length, allow_none=True)
+                            or min(ctx, DEFAULT_MAX_LENGTH))
         if self._max_length > ctx:
             raise ValueError(f"minicpm_gguf: max_length={self._max_length} exceeds {self.path}'s context_length={ctx}")
-        threads = _positive_int("n_threads", n_threads, allow_none=True) or os.cpu_count() or 1
+        threads = positive_int("minicpm_gguf", "n_threads", n_threads, allow_none=True) or os.cpu_count() or 1
         self.llm = open_model(self.path, n_ctx=self._max_length, n_threads=threads, logits_all=True, f32_kv=True,
                               seed=int(seed))
         if self.llm.metadata.get("tokenizer.ggml.model") == "no_vocab":

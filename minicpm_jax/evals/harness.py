@@ -39,7 +39,6 @@ import logging
 from typing import Any, Optional
 
 import jax
-
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
@@ -47,7 +46,7 @@ from tqdm import tqdm
 from data_pipeline.tokenizer import BOS, Tokenizer
 from minicpm_jax.attention_plan import ATTENTION_MODES
 from minicpm_jax.evals.generation import generate_until
-from minicpm_jax.evals.lm_common import generation_groups, loglikelihood_rolling
+from minicpm_jax.evals.lm_common import generation_groups, loglikelihood_rolling, positive_int
 from minicpm_jax.evals.scoring import score_continuations
 from minicpm_jax.model import param_logical_axes
 from minicpm_jax.sharding import axis_rules, logical_shardings, mesh_from_sizes
@@ -57,15 +56,7 @@ log = logging.getLogger(__name__)
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        v = None
-    if v is None or v < 1 or (isinstance(value, float) and value != v):
-        raise ValueError(f"minicpm_jax model argument {name} must be an integer >= 1, got {value!r}")
-    return v
+    return positive_int("minicpm_jax", name, value, allow_none)
 
 
 def mesh_from_args(mesh, unknown: dict[str, Any]) -> Optional[jax.sharding.Mesh]:

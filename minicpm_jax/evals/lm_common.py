@@ -1,15 +1,29 @@
 """What the two lm-eval backends (`minicpm_jax` on JAX, `minicpm_gguf` on llama.cpp) share, so both read a request
-the same way: rolling windows for `loglikelihood_rolling`, and the grouping and settings of `generate_until`.
+the same way: rolling windows for `loglikelihood_rolling`, the grouping and settings of `generate_until`, and the
+check of integer model arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from lm_eval import utils as lm_utils
 from lm_eval.models.utils import normalize_gen_kwargs
+
+
+def positive_int(backend: str, name: str, value, allow_none: bool = False) -> Optional[int]:
+    """`value` (a model argument, maybe a string from lm-eval's command line) as an int >= 1; None when allowed."""
+    if value is None and allow_none:
+        return None
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or v < 1 or (isinstance(value, float) and value != v):
+        raise ValueError(f"{backend} model argument {name} must be an integer >= 1, got {value!r}")
+    return v
 
 
 def loglikelihood_rolling(lm, requests, disable_tqdm: bool = False) -> list[float]:
