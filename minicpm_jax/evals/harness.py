@@ -18,6 +18,12 @@ Model arguments (`--model_args k=v,...`):
   tokenizer     a tokenizer.model / tokenizer.json (directory) to use instead of the checkpoint's own
   add_bos_token prepend BOS to every context (default true: how the models are trained)
   seed          sampling seed for tasks that sample (default 0; greedy tasks ignore it)
+  mesh.data, mesh.fsdp, mesh.tensor
+                run on a device mesh of these sizes, read as the experiment config's `mesh.*` keys (axes not named:
+                data 1, fsdp -1 = the rest, tensor 1): weights placed by the logical sharding rules, rows over
+                data/fsdp, heads over tensor. From Python, `mesh=` also takes a `jax.sharding.Mesh` or a dict.
+                Default: no explicit mesh (the weights on all local devices as one fsdp axis, as `load_weights`
+                places them)
 
 `loglikelihood` scores through `scoring.score_continuations` (one forward per batch, the vocabulary head only on
 continuation positions); `generate_until` decodes through `generation.generate_until` (prefill + cached decode
@@ -27,35 +33,43 @@ steps, stopping at the task's stop strings or EOS); `apply_chat_template` uses t
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import logging
 from typing import Any, Optional
 
-from lm_eval import utils as lm_utils
+import jax
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
 from data_pipeline.tokenizer import BOS, Tokenizer
 from minicpm_jax.attention_plan import ATTENTION_MODES
 from minicpm_jax.evals.generation import generate_until
+from minicpm_jax.evals.lm_common import generation_groups, loglikelihood_rolling, positive_int
 from minicpm_jax.evals.scoring import score_continuations
+from minicpm_jax.model import param_logical_axes
+from minicpm_jax.sharding import axis_rules, logical_shardings, mesh_from_sizes
 from minicpm_jax.weights import HF_DTYPES, Weights, load_weights, source_kind
 
 log = logging.getLogger(__name__)
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        v = None
-    if v is None or v < 1 or (isinstance(value, float) and value != v):
-        raise ValueError(f"minicpm_jax model argument {name} must be an integer >= 1, got {value!r}")
-    return v
+    return positive_int("minicpm_jax", name, value, allow_none)
+
+
+def mesh_from_args(mesh, unknown: dict[str, Any]) -> Optional[jax.sharding.Mesh]:
+    """The mesh of `mesh=` (a Mesh, a {axis: size} dict or None) and of `mesh.<axis>=<size>` model arguments (popped
+    from `unknown`; read as the experiment config's `mesh.*` keys, `sharding.mesh_from_sizes`); None when neither
+    is given."""
+    sizes = {k.split(".", 1)[1]: unknown.pop(k) for k in [k for k in unknown if k.startswith("mesh.")]}
+    if isinstance(mesh, jax.sharding.Mesh):
+        if sizes:
+            raise ValueError("minicpm_jax: give mesh= or mesh.<axis>= model arguments, not both")
+        return mesh
+    sizes = {**(mesh or {}), **sizes}
+    return mesh_from_sizes(sizes) if sizes else None
 
 
 @register_model("minicpm_jax")
@@ -68,11 +82,13 @@ class MiniCPMLM(TemplateLM):
                  batch_size: int | str = 8, max_length: Optional[int] = None, max_gen_toks: int = 256,
                  dtype: Optional[str] = None, tokenizer: Optional[str] = None, add_bos_token: bool = True,
                  seed: int = 0, weights: Optional[Weights] = None, max_batch_size: Optional[int] = None,
-                 device: Optional[str] = None, **unknown: Any) -> None:
+                 device: Optional[str] = None, mesh=None, **unknown: Any) -> None:
         super().__init__()
+        self.mesh = mesh_from_args(mesh, unknown)
         if unknown:
             raise ValueError(f"minicpm_jax: unknown model arguments {sorted(unknown)}; known: pretrained, step, "
-                             "attention, batch_size, max_length, max_gen_toks, dtype, tokenizer, add_bos_token, seed")
+                             "attention, batch_size, max_length, max_gen_toks, dtype, tokenizer, add_bos_token, seed, "
+                             "mesh.data, mesh.fsdp, mesh.tensor")
         if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
             raise ValueError("minicpm_jax: batch_size=auto is not supported; give an integer")
         self.batch_size = _positive_int("batch_size", batch_size)          # cheap checks before loading weights
@@ -91,7 +107,10 @@ class MiniCPMLM(TemplateLM):
                                  "param dtype")
             if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
                 raise ValueError(f"minicpm_jax model argument step must be an integer >= 0, got {step!r}")
-            weights = load_weights(pretrained, step=step, dtype=HF_DTYPES[dtype] if dtype else None)
+            weights = load_weights(pretrained, step=step, dtype=HF_DTYPES[dtype] if dtype else None, mesh=self.mesh)
+        elif self.mesh is not None:     # given weights go onto the mesh by the same rules as loaded ones
+            weights = dataclasses.replace(weights, params=jax.device_put(weights.params, logical_shardings(
+                weights.params, param_logical_axes(weights.cfg), self.mesh)))
         log.info("minicpm_jax: %s", weights.describe())
         self.weights = weights
         self.cfg, self.params = weights.cfg, weights.params
@@ -111,6 +130,20 @@ class MiniCPMLM(TemplateLM):
         self.add_bos_token = bool(add_bos_token)
         self.eos_ids = sorted(set(self.cfg.eos_ids) | {tok.eos_id})
         self.seed = int(seed)
+
+    def on_mesh(self):
+        """The context the computations run in: the mesh and the logical sharding rules, or nothing without a mesh."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(axis_rules())
+        return stack
+
+    @property
+    def source(self) -> str:
+        """Where the weights came from (lm-eval task builders read it as `pretrained`)."""
+        return str(self.weights.source)
 
     # ------------------------------------------------------------------ tokenization
     @property
@@ -156,9 +189,10 @@ class MiniCPMLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) strings or None, context ids, continuation ids)."""
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="minicpm_jax loglikelihood")
-        res = score_continuations(self.params, self.cfg, [(c, x) for _, c, x in requests], attention=self.attention,
-                                  batch_size=self.batch_size, max_length=self.max_length,
-                                  pad_id=self.tokenizer.pad_id, progress=bar.update)
+        with self.on_mesh():
+            res = score_continuations(self.params, self.cfg, [(c, x) for _, c, x in requests],
+                                      attention=self.attention, batch_size=self.batch_size,
+                                      max_length=self.max_length, pad_id=self.tokenizer.pad_id, progress=bar.update)
         bar.close()
         for (key, _, _), r in zip(requests, res):
             if key is not None:
@@ -166,56 +200,34 @@ class MiniCPMLM(TemplateLM):
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each string scored whole, in disjoint windows of `max_length` predictions that each see as much earlier
-        text as fits (lm-eval's `get_rolling_token_windows`), conditioned on BOS."""
-        windows, owner = [], []
-        for i, (string,) in enumerate(req.args for req in requests):
-            toks = self.tok_encode(string, add_special_tokens=False)
-            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=toks, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
-                windows.append((None, ctx, cont))
-                owner.append(i)
-        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
-        totals = [0.0] * len(requests)
-        for i, (lp, _) in zip(owner, scores):
-            totals[i] += lp
-        for req, total in zip(requests, totals):
-            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
-        return totals
+        """Each string scored whole in rolling windows (`lm_common.loglikelihood_rolling`)."""
+        return loglikelihood_rolling(self, requests, disable_tqdm)
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Requests grouped by their generation kwargs, longest prompts first, `batch_size` rows per decode batch."""
-        groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         out: list[Optional[str]] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="minicpm_jax generate_until")
-        for members in groups.values():
-            kw = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
-            until = [s for s in kw.pop("until", []) if s]
-            max_gen = int(kw.pop("max_gen_toks"))
-            if max_gen >= self.max_length:
-                raise ValueError(f"minicpm_jax: max_gen_toks={max_gen} leaves no room for a prompt in the model's "
-                                 f"{self.max_length} positions")
-            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
-            top_k, top_p = int(kw.get("top_k") or 0), float(kw.get("top_p") or 1.0)
+        for g in generation_groups(requests, self.max_gen_toks, self.max_length, "minicpm_jax"):
+            members, until, max_gen = g.members, g.until, g.max_gen
             prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_gen)
                        for i in members}
             order = sorted(members, key=lambda i: -len(prompts[i]))
             for s in range(0, len(order), self.batch_size):
                 batch = order[s:s + self.batch_size]
-                gens = generate_until(self.params, self.cfg, [prompts[i] for i in batch], self.tok_decode,
-                                      stop=until, max_new_tokens=max_gen, eos_ids=self.eos_ids,
-                                      attention=self.attention, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      seed=self.seed + s, pad_id=self.tokenizer.pad_id)
-                for i, g in zip(batch, gens):
-                    out[i] = g.text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, g.text)
+                with self.on_mesh():
+                    gens = generate_until(self.params, self.cfg, [prompts[i] for i in batch], self.tok_decode,
+                                          stop=until, max_new_tokens=max_gen, eos_ids=self.eos_ids,
+                                          attention=self.attention, temperature=g.temperature, top_k=g.top_k,
+                                          top_p=g.top_p, seed=self.seed + s, pad_id=self.tokenizer.pad_id)
+                for i, gen in zip(batch, gens):
+                    out[i] = gen.text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, gen.text)
                 bar.update(len(batch))
         bar.close()
         return out
 
     def get_model_info(self) -> dict:
         return {"model_source": self.weights.describe(), "checkpoint_step": self.weights.step,
-                "attention": self.attention, "max_length": self.max_length}
+                "attention": self.attention, "max_length": self.max_length, "backend": "minicpm_jax",
+                "mesh": None if self.mesh is None else dict(self.mesh.shape)}

@@ -1,4 +1,5 @@
-"""The report as a PNG: an accuracy heatmap (context length x needle depth) per needle task, one bar per other task."""
+"""The report as a PNG: an accuracy heatmap (context length x needle depth) per needle task, one bar per other task;
+for a comparison of several models, bars per task grouped by model."""
 
 from __future__ import annotations
 
@@ -40,6 +41,52 @@ def plot_report(report: dict, path: str | Path) -> Path:
         ax.set_ylim(0, 1)
         ax.set_title("tasks")
     fig.suptitle(report.get("model", {}).get("model_source", ""), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(comp: dict, path: str | Path) -> Path:
+    """Write a grouped bar chart (PNG) of a comparison report (`compare.comparison_report`): per task (needle tasks
+    per length too), one bar per model, so the cost of each export shows next to the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = comp["models"]
+    labels = list(reports)
+    rows: list[str] = []
+    for r in reports.values():
+        for name, t in r["tasks"].items():
+            for row in [name] + [f"{name}@{n}" for n in t.get("by_length", {})]:
+                if row not in rows:
+                    rows.append(row)
+    if not rows:
+        raise ValueError("the comparison has no task to plot")
+
+    def value(rep: dict, row: str) -> float:
+        name, _, length = row.partition("@")
+        t = rep["tasks"].get(name)
+        if t is None:
+            return float("nan")
+        if not length:
+            return float(t["value"])
+        by_length = {str(n): v for n, v in t.get("by_length", {}).items()}   # int keys in memory, str from JSON
+        return float(by_length.get(length, float("nan")))
+
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) * len(labels) / 2 + 2), 3.8))
+    for j, k in enumerate(labels):
+        ax.bar([i + j * width for i in range(len(rows))], [value(reports[k], r) for r in rows], width, label=k)
+    ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(rows))], rows, fontsize=7, rotation=30,
+                  ha="right")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("reference: " + comp["reference"], fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

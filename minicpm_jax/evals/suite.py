@@ -17,6 +17,7 @@ written as JSONL beside the predictions; they use the same generation (`MiniCPML
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -72,6 +73,9 @@ def _needles(lm, name: str, s: SuiteSettings, log: Callable[[str], None]) -> dic
     # this (1.0 with a single needle: there retrieval is finding the one number, with distractors it is the key)
     first = [(re.findall(r"\d{7}", it["prompt"]) or [""])[0] for it in items]
     res["floor_first_number"] = needle_score.score(items, first)["accuracy"]
+    # models compared side by side must have been asked the same items (each builds them with its own tokenizer)
+    res["items_sha256"] = hashlib.sha256(json.dumps([(it["id"], it["prompt"], it["answer"]) for it in items],
+                                                    ensure_ascii=False).encode()).hexdigest()
     return {"kind": "needle", "metric": "accuracy", "value": res["accuracy"], **res}
 
 
@@ -95,9 +99,10 @@ def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int]) -> dict:
     from minicpm_jax.evals import TASKS_DIR, task_manager
 
     ours = (TASKS_DIR / f"{name}.yaml").is_file()
-    meta = {"pretrained": str(lm.weights.source), "max_seq_lengths": lengths, "depths": list(s.depths),
+    meta = {"pretrained": lm.source, "max_seq_lengths": lengths, "depths": list(s.depths),
             "niah_samples": s.samples, "seed": s.seed}
-    if lm.tokenizer.path is not None:       # lm-eval's RULER tasks size contexts with transformers' AutoTokenizer
+    # lm-eval's RULER tasks size contexts with transformers' AutoTokenizer (a directory); a GGUF has none beside it
+    if lm.tokenizer.path is not None and getattr(lm.tokenizer, "kind", None) != "gguf":
         meta["tokenizer"] = str(Path(lm.tokenizer.path).parent)
     if s.limit:
         meta["cloze_samples"] = s.limit

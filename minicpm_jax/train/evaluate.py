@@ -16,7 +16,7 @@ import jax
 from data_pipeline.pipeline import make_eval_iterator
 from data_pipeline.prepare import prepare_data
 from minicpm_jax.checkpoint import run_paths
-from minicpm_jax.sharding import axis_rules, make_mesh
+from minicpm_jax.sharding import axis_rules, make_mesh, mesh_from_sizes
 from minicpm_jax.train.config import ExperimentConfig, load_config
 from minicpm_jax.train.loop import eval_loss
 from minicpm_jax.train.step import build_step
@@ -40,14 +40,21 @@ def eval_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Experimen
 
 
 def evaluate_run(run_dir: str | Path, *, batches: int = 32, sources: Optional[Sequence[str]] = None,
-                 overrides: Sequence[str] = (), step: Optional[int] = None) -> tuple[dict, Weights]:
+                 overrides: Sequence[str] = (), step: Optional[int] = None,
+                 mesh: Optional[dict[str, int]] = None) -> tuple[dict, Weights]:
     """({source: {"loss", "perplexity", "tokens"}} plus "all" (token-weighted), the weights used) for a checkpoint
-    of the run (the newest restorable one unless `step`)."""
+    of the run (the newest restorable one unless `step`).
+
+    mesh: {axis: size} as the config's `mesh.*` keys (`sharding.mesh_from_sizes`); default: as many local devices
+    as split the eval batch evenly, as one fsdp axis. The run's recorded mesh is not used: it is sized for the
+    machine it trained on."""
     exp = eval_config(run_dir, overrides)
     dcfg = exp.data
-    # as many local devices as split the eval batch evenly (8 devices and a batch of 4 use 4 of them)
-    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1},
-                     devices=jax.local_devices()[:math.gcd(dcfg.batch_size, jax.local_device_count())])
+    if mesh is not None:
+        mesh = mesh_from_sizes(mesh, devices=jax.local_devices())
+    else:   # 8 devices and a batch of 4 use 4 of them
+        mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1},
+                         devices=jax.local_devices()[:math.gcd(dcfg.batch_size, jax.local_device_count())])
     weights = load_weights(run_dir, step=step, mesh=mesh)
     prepared = prepare_data(exp.data_dir, dcfg, progress=False)
     names = list(sources) if sources else sorted(prepared.shards("eval"))

@@ -76,6 +76,14 @@ def test_the_model_level_reads_only_the_tokenizer_from_the_data_side():
     assert {n for _, n in where} <= {"data_pipeline.tokenizer"}, where
 
 
+def test_evaluation_reaches_export_only_for_running_a_gguf():
+    """`minicpm eval --gguf` scores an export through llama.cpp: the evals part reuses `export.llamacpp` (the parity
+    settings, the file check, the AMX probe) rather than a second llama.cpp loader, and nothing else of export (the
+    reverse, export -> evals, is forbidden above)."""
+    used = {n for _, src, n in imports() if src == "minicpm_jax.evals" and part_of_module(n) == "minicpm_jax.export"}
+    assert used == {"minicpm_jax.export.llamacpp"}, used
+
+
 def test_the_graph_finds_imports_inside_functions(tmp_path):
     """The checker itself: a function-local import across parts is seen."""
     pkg = tmp_path / "minicpm_jax" / "export"

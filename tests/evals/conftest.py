@@ -1,6 +1,7 @@
 """Fixtures for the evaluation tests: a real SentencePiece tokenizer trained on the held-out haystack text, and one
 small random MiniCPM model saved both as an HF checkpoint directory and as a training run directory (two checkpoint
-steps with different weights), so `pretrained=` / `step=` go through the real weight resolver.
+steps with different weights), so `pretrained=` / `step=` go through the real weight resolver; and that model
+exported to GGUF (f32 and q8_0) for the llama.cpp backend.
 
 The model is 64 wide with 2 layers and 1024 positions: every forward and decode compiles in about a second on
 2 CPU cores. Its weights are drawn with numpy, the hidden matrices 4x hotter than the μP init, so greedy text
@@ -93,3 +94,19 @@ def tiny(tokenizer, tmp_path_factory) -> TinyModel:
     ckpt.save(2, {"params": p2}, None, {"step": 2})
     ckpt.close()
     return TinyModel(cfg, p2, p1, tokenizer, hf, run)
+
+
+@dataclasses.dataclass
+class TinyGGUF:
+    f32: Path
+    q8_0: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny, tmp_path_factory) -> TinyGGUF:
+    """The HF checkpoint's weights (`tiny.params`) exported to GGUF as f32 and q8_0, with the same tokenizer."""
+    from minicpm_jax.export.gguf import to_gguf
+
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    paths = {q: to_gguf(root / f"m-{q}.gguf", tiny.cfg, tiny.params, tiny.tokenizer, q).path for q in ("f32", "q8_0")}
+    return TinyGGUF(paths["f32"], paths["q8_0"])

@@ -1,7 +1,7 @@
 """Builders and metrics of the `minicpm_niah_*` lm-eval tasks (see minicpm_jax/evals/needles.py).
 
 lm-eval hands a task's `custom_dataset` function the run's model arguments and `--metadata` as keyword arguments.
-Read here: `tokenizer` or `pretrained` (whose tokenizer sizes the contexts), `max_seq_lengths` (default 1024, 2048,
+Read here: `tokenizer` or `pretrained` (a run, HF dir or .gguf file, whose tokenizer sizes the contexts), `max_seq_lengths` (default 1024, 2048,
 4096; lengths above the checkpoint's max_position_embeddings are dropped with a warning), `depths`, `niah_samples`
 (per length x depth cell, default 4) and `seed`.
 """
@@ -30,10 +30,25 @@ def _tokenizer(kwargs):
     if not src:
         raise ValueError("minicpm_niah tasks size their contexts in the model's tokens: pass pretrained=<run or HF "
                          "dir> in the model arguments or tokenizer=<path> in --metadata")
+    if str(src).endswith(".gguf"):        # the minicpm_gguf backend: the file's own vocabulary
+        from minicpm_jax.evals.llama_tokenizer import LlamaCppTokenizer
+
+        return LlamaCppTokenizer.from_file(src)
     tok = find_tokenizer(run_paths(src)["tokenizer"] if source_kind(src) == "run" else src)
     if tok is None:
         raise ValueError(f"minicpm_niah tasks: {src} has no tokenizer; pass tokenizer=<path> in --metadata")
     return tok
+
+
+def _max_positions(src) -> int:
+    """The positions a run / HF checkpoint (max_position_embeddings) or a GGUF (context_length) supports."""
+    if str(src).endswith(".gguf"):
+        from minicpm_jax.export.llamacpp import check_gguf
+
+        return int(check_gguf(src).get("context_length", LENGTHS[-1]))
+    from minicpm_jax.weights import source_config
+
+    return source_config(src).max_position_embeddings
 
 
 def _lengths(kwargs) -> tuple[int, ...]:
@@ -42,9 +57,7 @@ def _lengths(kwargs) -> tuple[int, ...]:
     if bad:
         raise ValueError(f"minicpm_niah: max_seq_lengths {bad} are not among the reported lengths {LENGTHS}")
     if kwargs.get("pretrained"):
-        from minicpm_jax.weights import source_config
-
-        limit = source_config(kwargs["pretrained"]).max_position_embeddings
+        limit = _max_positions(kwargs["pretrained"])
         if any(n > limit for n in lengths):
             log.warning("minicpm_niah: dropping lengths %s above max_position_embeddings=%d",
                         [n for n in lengths if n > limit], limit)
