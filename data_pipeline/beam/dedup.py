@@ -1,7 +1,7 @@
 """Exact and near-duplicate removal, before scoring (the paper de-duplicates before filtering).
 
-Both compare the *normalised* text (normalize.clean: whitespace runs, case, diacritics), so copies that differ
-only in formatting are exact duplicates. Of a group of duplicates the document with the smallest `uid` (input
+Both compare the *normalised* text (normalize.clean: whitespace runs, case, diacritics; the exact hash also
+treats every whitespace run as one space), so copies that differ only in formatting are exact duplicates. Of a group of duplicates the document with the smallest `uid` (input
 file, line, piece) is kept, whatever the runner's order or worker count. Near duplicates: datasketch MinHash
 signatures of word shingles, grouped by LSH band with Beam's GroupByKey; within a band bucket each document is
 compared with the earlier ones (estimated Jaccard = share of equal signature values) and dropped when one is at
@@ -22,8 +22,9 @@ from data_pipeline.normalize import clean, simple_tokens
 
 
 def text_key(text: str) -> str:
-    """Hash of the normalised text: equal for documents differing only in whitespace, case or diacritics."""
-    return hashlib.sha1(clean(text).encode("utf-8")).hexdigest()
+    """Hash of the normalised text with every whitespace run as one space: equal for documents differing only in
+    whitespace (line breaks included), case or diacritics."""
+    return hashlib.sha1(" ".join(clean(text).split()).encode("utf-8")).hexdigest()
 
 
 def shingles(text: str, n: int) -> list[bytes]:
