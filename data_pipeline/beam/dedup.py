@@ -11,6 +11,7 @@ or above the threshold. A chain A~B~C drops B and C even when A and C are not si
 from __future__ import annotations
 
 import hashlib
+import zlib
 
 import apache_beam as beam
 import numpy as np
@@ -27,12 +28,20 @@ def text_key(text: str) -> str:
     return hashlib.sha1(" ".join(clean(text).split()).encode("utf-8")).hexdigest()
 
 
-def shingles(text: str, n: int) -> list[bytes]:
-    """Distinct n-grams of the normaliser's tokens (words; one token per CJK character) of the normalised text."""
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """32-bit hashes of the distinct n-grams of the normaliser's tokens (words; one token per CJK character) of the
+    normalised text. Each token is hashed once (crc32) and an n-gram's hash is a polynomial of its tokens' hashes,
+    computed for all n-grams at once: hashing every n-gram string (datasketch's default, sha1 per shingle) was most
+    of the dedup time."""
     toks = simple_tokens(clean(text))
-    if len(toks) <= n:
-        return [" ".join(toks).encode("utf-8")]
-    return list({" ".join(toks[i:i + n]).encode("utf-8") for i in range(len(toks) - n + 1)})
+    th = np.fromiter((zlib.crc32(t.encode("utf-8")) for t in toks), np.uint64, len(toks))
+    if len(th) <= n:  # a short text is one shingle
+        return np.array([zlib.crc32(" ".join(toks).encode("utf-8"))], np.uint64)
+    m = len(th) - n + 1
+    h = np.zeros(m, np.uint64)
+    for k in range(n):  # uint64 arithmetic wraps: deterministic on every machine
+        h = h * np.uint64(1_000_003) + th[k:k + m]
+    return np.unique(h & np.uint64(0xFFFFFFFF))
 
 
 def _drop(doc: dict, reason: str, detail: str) -> beam.pvalue.TaggedOutput:
@@ -69,16 +78,18 @@ class BandKeys(beam.DoFn):
     def setup(self):
         self.bands, self.rows = self.cfg.band_rows()
         # one set of permutations for every signature (datasketch would draw them again per MinHash)
-        template = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed)
+        template = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashfunc=int)
         self.perms, self.scheme = template.permutations, template.scheme
 
     def process(self, doc):
-        m = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, permutations=self.perms, scheme=self.scheme)
-        m.update_batch(shingles(doc["text"], self.cfg.shingle))
-        sig = np.asarray(m.hashvalues)
+        # the shingle hashes are the values datasketch permutes (hashfunc=int: already hashed)
+        m = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashfunc=int, permutations=self.perms,
+                    scheme=self.scheme)
+        m.update_batch(shingle_hashes(doc["text"], self.cfg.shingle).tolist())
+        sig = np.asarray(m.hashvalues).tobytes()  # bytes: pickled between stages far faster than an ndarray
+        width = self.rows * m.hashvalues.itemsize
         for b in range(self.bands):
-            band = sig[b * self.rows:(b + 1) * self.rows].tobytes()
-            yield (b, hashlib.sha1(band).hexdigest()[:16]), (doc["uid"], doc["id"], sig)
+            yield (b, hashlib.sha1(sig[b * width:(b + 1) * width]).digest()[:8]), (doc["uid"], doc["id"], sig)
 
 
 class FindNearDuplicates(beam.DoFn):
@@ -89,11 +100,15 @@ class FindNearDuplicates(beam.DoFn):
 
     def process(self, element):
         _, members = element
+        if len(members) < 2:
+            return
         members = sorted(members, key=lambda m: m[0])
+        dtype = np.uint32 if len(members[0][2]) == 4 * self.cfg.num_perm else np.uint64  # the MinHash scheme's
+        sigs = [np.frombuffer(m[2], dtype) for m in members]
         for j in range(1, len(members)):
-            uid, _, sig = members[j]
+            uid = members[j][0]
             for k in range(max(0, j - self.cfg.max_bucket_compare), j):
-                est = float(np.mean(members[k][2] == sig))
+                est = float(np.mean(sigs[k] == sigs[j]))
                 if est >= self.cfg.jaccard:
                     yield uid, (members[k][1], est)
                     break
