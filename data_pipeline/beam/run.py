@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from typing import Sequence
 
@@ -77,12 +78,22 @@ def run_process(cfg: ProcessConfig, beam_args: Sequence[str] = (), *, overwrite:
                 progress: bool = True) -> dict:
     """Run the pipeline (DirectRunner unless beam_args name another runner) and wait for it; write report.json and
     manifest.json beside the shards; return the report."""
-    opts = PipelineOptions(list(beam_args))
+    beam_args = list(beam_args)
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
+        # worker processes log their start-up at INFO by the screenful; keep our per-file progress lines
+        beam_args += ["--default_sdk_harness_log_level=WARNING",
+                      '--sdk_harness_log_level_overrides={"data_pipeline": "INFO"}']
+    opts = PipelineOptions(beam_args)
     if not opts.view_as(StandardOptions).runner:
         opts.view_as(StandardOptions).runner = "DirectRunner"
     runner = opts.view_as(StandardOptions).runner
     threshold = read_threshold(cfg.classifier, cfg.threshold)
     _check_out(cfg.out, overwrite)
+    if runner == "DirectRunner":  # worker processes (multi_processing) must import this package too
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in path:
+            os.environ["PYTHONPATH"] = os.pathsep.join([root] + path)
     t0 = time.perf_counter()
     p = beam.Pipeline(options=opts)
     build(p, cfg, threshold)
