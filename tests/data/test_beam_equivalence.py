@@ -29,7 +29,7 @@ def _jaccard(a: str, b: str, n: int = 5) -> float:
     return len(sa & sb) / max(1, len(sa | sb))
 
 
-def test_same_documents_scores_and_token_ids_as_local(prepared, tmp_path):
+def test_same_documents_scores_and_token_ids_as_local(prepared, data_cfg, tmp_path):
     corpus = prepared.workdir / "corpus"
     texts = {}
     for p in glob.glob(f"{corpus}/jsonl/*.jsonl"):
@@ -64,6 +64,14 @@ def test_same_documents_scores_and_token_ids_as_local(prepared, tmp_path):
     local_low = {i for i, r in local_records(prepared).items() if r["score"] < threshold}
     assert low == local_low - set(dup)
     assert sum(report["score_histogram"]["counts"]) == len(beam) + len(low)
+    # the training pipeline reads the shards unchanged, as a mixture component of paths
+    from data_pipeline.pipeline import make_train_iterator
+    from tests.data.conftest import take_all
+
+    cfg = data_cfg.replace(mixture=({"name": "beam", "weight": 1.0, "sources": [f"{tmp_path}/out/train/*.array_record"]},))
+    batches = take_all(make_train_iterator(prepared, cfg, process_index=0, process_count=1, num_epochs=1))
+    n_train = sum(len(r["tokens"]) for r in beam.values() if r["shard"].startswith("train/"))
+    assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) == n_train
 
 
 def test_two_worker_processes_write_the_same_shards_as_one(prepared, tmp_path):
