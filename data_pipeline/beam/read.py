@@ -127,15 +127,30 @@ class ReadDocuments(beam.DoFn):
         source = default_source(path)
         n_docs = 0
         try:
-            with FileSystems.open(path) as fh:
-                for line, doc, nbytes in self._documents(fh, path, report):
+            fh = FileSystems.open(path)
+        except Exception as e:  # noqa: BLE001 - unreadable file: report it and go on
+            report.drop(path, None, "read_error", f"{type(e).__name__}: {e}")
+            fh = None
+        if fh is not None:
+            try:
+                docs = self._documents(fh, path, report)
+                while True:
+                    # only reading is guarded: downstream stages run inside our `yield` (fused), and their errors
+                    # must not be mistaken for a corrupt file
+                    try:
+                        line, doc, nbytes = next(docs)
+                    except StopIteration:
+                        break
+                    except Exception as e:  # noqa: BLE001 - corrupt / truncated file: keep what was read
+                        report.drop(path, None, "read_error", f"{type(e).__name__}: {e}")
+                        break
                     yield from self._drain(report, source)
                     for out in self._pieces(doc, path, line, source):
                         n_docs += 1
                         yield out
                     self.bytes.inc(nbytes)
-        except Exception as e:  # noqa: BLE001 - unreadable / corrupt file: report it, keep what was read
-            report.drop(path, None, "read_error", f"{type(e).__name__}: {e}")
+            finally:
+                fh.close()
         yield from self._drain(report, source)
         self.files.inc()
         self.docs.inc(n_docs)
