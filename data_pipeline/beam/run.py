@@ -127,7 +127,8 @@ def format_report(report: dict, out: str) -> str:
              f"{report['seconds']:.1f} s ({report['documents_per_s']} docs/s, {report['mb_per_s']} MB/s, "
              f"runner {report['runner']})",
              f"kept {report['kept']} documents ({report['tokens']} tokens) at threshold {report['threshold']}; "
-             f"dropped {report['dropped']}: " + ", ".join(f"{k}={v}" for k, v in report["dropped_by_reason"].items())]
+             f"dropped {report['dropped']}" + "".join(
+                 f"{', ' if i else ': '}{k}={v}" for i, (k, v) in enumerate(report["dropped_by_reason"].items()))]
     for name, s in report["per_source"].items():
         lines.append(f"  {name:24s} kept {s['kept']:7d}  " + ", ".join(f"{k}={v}" for k, v in s["dropped"].items()))
     h = report["score_histogram"]["counts"]
