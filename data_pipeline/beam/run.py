@@ -26,7 +26,7 @@ from data_pipeline.beam.config import ProcessConfig
 from data_pipeline.beam.dedup import ExactDedup, NearDedup
 from data_pipeline.beam.read import DROPPED, MatchInputs, ReadDocuments
 from data_pipeline.beam.report import PARTS, ReportParts, finish_report, manifest, read_json, write_json
-from data_pipeline.beam.score import SCORES, ScoreAndTokenize, read_threshold
+from data_pipeline.beam.score import SCORES, ScoreAndTokenize, check_tokenizer, read_threshold
 from data_pipeline.beam.write import WriteTokenShards
 
 log = logging.getLogger("data_pipeline")
@@ -88,6 +88,7 @@ def run_process(cfg: ProcessConfig, beam_args: Sequence[str] = (), *, overwrite:
         opts.view_as(StandardOptions).runner = "DirectRunner"
     runner = opts.view_as(StandardOptions).runner
     threshold = read_threshold(cfg.classifier, cfg.threshold)
+    check_tokenizer(cfg.tokenizer)
     _check_out(cfg.out, overwrite)
     if runner == "DirectRunner":  # worker processes (multi_processing) must import this package too
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

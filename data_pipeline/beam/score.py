@@ -62,14 +62,25 @@ def load_models(classifier_dir: str, tokenizer_path: str, into: str) -> tuple[Qu
     return clf, Tokenizer.load(tok_local)
 
 
+def check_tokenizer(path: str) -> None:
+    """Fail before the pipeline starts, naming the setting, when the tokenizer path holds nothing."""
+    if not (os.path.exists(path) or _match(path.rstrip("/") + "/tokenizer.*") or _match(path)):
+        raise ValueError(f"process.tokenizer: {path} holds no tokenizer.model / tokenizer.json")
+
+
 def read_threshold(classifier_dir: str, threshold: Optional[float]) -> float:
     """The given threshold, else the one the classifier was saved with (read through Beam's filesystems)."""
     if threshold is not None:
         return threshold
     import json
 
-    with FileSystems.open(classifier_dir.rstrip("/") + "/classifier.json", compression_type="uncompressed") as f:
-        return float(json.loads(f.read().decode("utf-8"))["threshold"])
+    path = classifier_dir.rstrip("/") + "/classifier.json"
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            return float(json.loads(f.read().decode("utf-8"))["threshold"])
+    except Exception as e:  # noqa: BLE001 - any filesystem or format error: name the setting and the file
+        raise ValueError(f"process.classifier: cannot read {path} ({type(e).__name__}: {e}); give the directory "
+                         "written by `minicpm data train-classifier`") from e
 
 
 class ScoreAndTokenize(beam.DoFn):

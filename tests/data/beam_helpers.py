@@ -14,8 +14,8 @@ def run_beam(prepared, inputs, out, beam_args=(), **fields) -> dict:
     from data_pipeline.beam.config import ProcessConfig
     from data_pipeline.beam.run import run_process
 
-    cfg = ProcessConfig(inputs=tuple(str(i) for i in inputs), out=str(out), classifier=str(prepared.classifier_dir),
-                        tokenizer=str(prepared.tokenizer_dir), **fields)
+    fields = {"classifier": str(prepared.classifier_dir), "tokenizer": str(prepared.tokenizer_dir), **fields}
+    cfg = ProcessConfig(inputs=tuple(str(i) for i in inputs), out=str(out), **fields)
     return run_process(cfg, list(beam_args), progress=False)
 
 

@@ -62,6 +62,10 @@ def test_bad_process_config_names_the_field(prepared, tmp_path):
         ProcessConfig(inputs=("x",), out="o", classifier="c", tokenizer="t", threshold=2.0)
     with pytest.raises(ValueError, match=r"process\.inputs"):
         ProcessConfig(inputs=(), out="o", classifier="c", tokenizer="t")
+    with pytest.raises(ValueError, match=r"process\.classifier: cannot read .*nope/classifier\.json"):
+        run_beam(prepared, [str(tmp_path / "x.jsonl")], tmp_path / "o2", classifier=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"process\.tokenizer: .*holds no tokenizer"):
+        run_beam(prepared, [str(tmp_path / "x.jsonl")], tmp_path / "o2", tokenizer=str(tmp_path / "nope"))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("x")
     with pytest.raises(ValueError, match="is not empty"):
