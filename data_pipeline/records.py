@@ -76,6 +76,16 @@ def encode_token_record(tokens: np.ndarray, *, mask: np.ndarray | None = None, *
     return msgpack.packb(rec, use_bin_type=True)
 
 
+def document_token_record(doc: dict, ids, score: float) -> bytes:
+    """The token record of a prepared document: its id, source and language, its quality score (5 decimals; left
+    out when NaN, i.e. not scored) and its token ids. The one encoder of the local preparation and the Beam
+    pipeline, so both write identical records for the same document."""
+    rec = {"id": doc["id"], "source": doc["source"], "lang": doc["lang"]}
+    if not np.isnan(score):
+        rec["score"] = round(float(score), 5)
+    return encode_token_record(np.asarray(ids, np.int32), **rec)
+
+
 def decode_record(data: bytes) -> dict:
     """bytes -> dict; token records get `tokens` (int32 array) and, for SFT, `mask` (int32 array of 0/1)."""
     if data[:1] == b"{":

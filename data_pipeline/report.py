@@ -27,6 +27,9 @@ REASONS = {
     "wrong_language": "text is not in the source's language",
     "read_error": "file could not be read",
     "bad_record": "ArrayRecord record could not be decoded",
+    "duplicate_exact": "same normalised text as a document kept earlier (hash)",
+    "duplicate_near": "MinHash-LSH near duplicate (estimated Jaccard >= threshold) of a document kept earlier",
+    "low_quality": "UltraClean score below the threshold",
 }
 
 

@@ -43,11 +43,13 @@ LABELS = ("hq", "raw")
 
 @dataclass
 class SourceContext:
-    """What readers need: the Debian extraction root (None when no packages) and the drop report."""
+    """What readers need: the Debian extraction root (None when no packages), the drop report, the sampling seed
+    and the longest document the corpus keeps whole (None: readers never cut a text)."""
 
     report: DropReport
     debian_root: Optional[Path] = None
     seed: int = 0
+    unit_chars: Optional[int] = None  # the corpus's max_doc_chars: round-robin readers interleave pieces this long
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,35 @@ def read_lines(path: Path, report: DropReport) -> Iterator[str]:
                 yield raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 report.drop(path, lineno, "bad_encoding", f"byte 0x{raw[e.start]:02x} at column {e.start}")
+
+
+_SEPARATORS = ("\n\n", "\n", "。", ". ", " ")
+
+
+def split_long(text: str, max_chars: int, _level: int = 0) -> list[str]:
+    """Split `text` into pieces of at most max_chars at the coarsest boundary available (blank line, line, sentence,
+    space, else a hard cut). Every character stays in exactly one piece (separators stay attached), so nothing is
+    lost; pieces that are only whitespace are left out.
+    """
+    if len(text) <= max_chars:
+        return [text] if text.strip() else []
+    for level in range(_level, len(_SEPARATORS)):
+        sep = _SEPARATORS[level]
+        parts = text.split(sep)
+        if len(parts) == 1:
+            continue
+        out, cur = [], ""
+        for i, part in enumerate(parts):
+            piece = part + (sep if i < len(parts) - 1 else "")
+            if cur and len(cur) + len(piece) > max_chars:
+                out.append(cur)
+                cur = ""
+            cur += piece
+        if cur:
+            out.append(cur)
+        # pieces still too long are split with the next, finer separator
+        return [q for o in out for q in split_long(o, max_chars, level + 1)]
+    return [text[i:i + max_chars] for i in range(0, len(text), max_chars) if text[i:i + max_chars].strip()]
 
 
 def cjk_ratio(text: str) -> float:
@@ -179,6 +210,38 @@ def shuffled(items: Iterable, ctx: SourceContext, salt: str, key: Callable = str
     machines keeps its place even when the other one has a few files more or fewer (another Python patch release,
     another set of installed distributions), so samples stay comparable across machines."""
     return sorted(items, key=lambda x: hashlib.sha1(f"{ctx.seed}/{salt}/{key(x)}".encode()).hexdigest())
+
+
+def interleaved_texts(groups: dict[str, list], ctx: SourceContext, salt: str, key: Callable,
+                      read: Callable[[object], Optional[str]]) -> Iterator[str]:
+    """Texts of the items of all `groups` (distributions), round-robin by piece: one piece of every group, then a
+    second piece of every group, and so on. A group's items are read (`read(item)` -> text or None) in seeded order
+    (`shuffled`, salt `salt/group`), and each text is cut into pieces of at most `ctx.unit_chars` (`split_long`, as
+    the corpus builder cuts a long unit); the groups take their turns in the seeded order of their names.
+
+    A capped source thus samples across groups before it takes a second piece of any, and later on a group gives at
+    most one piece per turn however many files (transformers) or how long a file it has: a sample that the cap ends
+    within the first turn is spread over as many groups as it holds pieces, and installing another package moves
+    only that package's own pieces into it (the others keep their order). Files are read lazily, only as far as the
+    consumer iterates. `key(item)` must be unique within a group."""
+    order = shuffled(groups, ctx, salt)
+    items = {g: iter(shuffled(groups[g], ctx, f"{salt}/{g}", key)) for g in order}
+    pending: dict[str, list[str]] = {g: [] for g in order}
+    while order:
+        still = []
+        for g in order:
+            while not pending[g]:
+                item = next(items[g], None)
+                if item is None:
+                    break
+                text = read(item)
+                if text and text.strip():
+                    pending[g] = split_long(text, ctx.unit_chars) if ctx.unit_chars else [text]
+                    pending[g].reverse()  # pop() from the end = the file's pieces in reading order
+            if pending[g]:
+                yield pending[g].pop()
+                still.append(g)
+        order = still
 
 
 def _stdlib_key(p: Path) -> str:
@@ -280,51 +343,80 @@ def _read_pydoc_topics(ctx: SourceContext) -> Iterator[str]:
 
 
 def _dist_key(dist) -> str:
-    return (dist.metadata.get("Name") or "").lower()
+    """A distribution's normalized name (PEP 503: lower case, runs of -_. as one -)."""
+    return re.sub(r"[-_.]+", "-", dist.metadata.get("Name") or "").lower()
+
+
+def installed_distributions() -> list:
+    """The installed distributions, one per normalized name: the one that `import` and `importlib.metadata.version`
+    see, i.e. the first on sys.path. A copy shadowed by an earlier path entry (a virtual environment layered over
+    another one through a .pth file, a user site over the system site) is not installed for this interpreter and
+    is left out, so it neither counts twice nor adds the text of a version that is not in use."""
+    out: dict[str, object] = {}
+    for dist in importlib.metadata.distributions():
+        name = _dist_key(dist)
+        if name and name not in out:
+            out[name] = dist
+    return list(out.values())
 
 
 _LICENCE_NAME = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE|AUTHORS)", re.I)
+_PROJECT = "minicpm-jax"  # this project's own distribution (when installed) is not a third-party source
 
 
 def _read_package_licences(ctx: SourceContext) -> Iterator[str]:
+    # Licence files of the installed distributions, round-robin across distributions (`interleaved_texts`): a
+    # distribution that bundles many licences (numpy ships ~20 for its vendored code) or one long one gets one
+    # piece into the sample before any distribution gets a second. Identical texts (the same MIT licence) once.
+    files: dict[str, list] = {}
+    for dist in installed_distributions():
+        lic = [(str(f), dist) for f in dist.files or ()
+               if _LICENCE_NAME.match(Path(str(f)).name) and not str(f).endswith((".py", ".pyc"))]
+        if lic:
+            files[_dist_key(dist)] = lic
     seen = set()
-    dists = shuffled(importlib.metadata.distributions(), ctx, "licences", _dist_key)
-    for dist in dists:
-        for f in dist.files or ():
-            if _LICENCE_NAME.match(Path(str(f)).name) and not str(f).endswith((".py", ".pyc")):
-                p = Path(dist.locate_file(f))
-                if not p.is_file() or p.stat().st_size > 2_000_000:
-                    continue
-                text = read_text_file(p, ctx.report)
-                if text and text.strip() and hash(text) not in seen:
-                    seen.add(hash(text))
-                    yield text
+
+    def read(item) -> Optional[str]:
+        p = Path(item[1].locate_file(item[0]))
+        if not p.is_file() or p.stat().st_size > 2_000_000:
+            return None
+        text = read_text_file(p, ctx.report)
+        if not text or hash(text) in seen:
+            return None
+        seen.add(hash(text))
+        return text
+
+    return interleaved_texts(files, ctx, "licences", lambda x: x[0], read)
 
 
 def _read_package_metadata(ctx: SourceContext) -> Iterator[str]:
     # METADATA of each installed distribution: header fields, classifiers, then the README (markdown, badges,
-    # install commands): the kind of page a raw web crawl is full of.
-    for dist in shuffled(importlib.metadata.distributions(), ctx, "metadata", _dist_key):
-        text = dist.read_text("METADATA") or dist.read_text("PKG-INFO")
-        if text and text.strip():
-            yield text
+    # install commands): the kind of page a raw web crawl is full of. Round-robin by piece across distributions
+    # (`interleaved_texts`): an 80 kB README (matplotlib's) gives one piece before any other gets a second.
+    dists = {_dist_key(d): [d] for d in installed_distributions()}
+    return interleaved_texts(dists, ctx, "metadata", _dist_key,
+                             lambda d: d.read_text("METADATA") or d.read_text("PKG-INFO"))
 
 
 def _read_package_code(ctx: SourceContext) -> Iterator[str]:
-    # Python files of the installed third-party distributions: code from other projects than the stdlib.
-    files = []
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata.get("Name") or "").lower()
-        if name in ("minicpm-jax",):
+    # Python files (tests left out) of the installed third-party distributions: code from other projects than the
+    # stdlib, round-robin across distributions by piece (`interleaved_texts`): a package with thousands of modules
+    # (transformers, apache-beam) or one 100 kB generated parser weighs no more in the sample than a small package.
+    files: dict[str, list] = {}
+    for dist in installed_distributions():
+        name = _dist_key(dist)
+        if name == _PROJECT:
             continue
-        files.extend((name, str(f), dist) for f in dist.files or () if str(f).endswith(".py")
-                     and "/tests/" not in str(f) and "/test/" not in str(f))
-    for _, f, dist in shuffled(files, ctx, "package_code", key=lambda x: (x[0], x[1])):
-        p = Path(dist.locate_file(f))
-        if p.is_file() and p.stat().st_size <= 1_000_000:
-            text = read_text_file(p, ctx.report)
-            if text and text.strip():
-                yield text
+        py = [(str(f), dist) for f in dist.files or ()
+              if str(f).endswith(".py") and not {"tests", "test"} & set(Path(str(f)).parts[:-1])]
+        if py:
+            files[name] = py
+
+    def read(item) -> Optional[str]:
+        p = Path(item[1].locate_file(item[0]))
+        return read_text_file(p, ctx.report) if p.is_file() and p.stat().st_size <= 1_000_000 else None
+
+    return interleaved_texts(files, ctx, "package_code", lambda x: x[0], read)
 
 
 # ---------------------------------------------------------------- system tier (Debian host files)

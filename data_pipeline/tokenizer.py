@@ -68,8 +68,8 @@ class _SPM:
 
     def __init__(self, model_proto: bytes, added: Optional[dict[int, tuple[str, bool]]] = None):
         import sentencepiece as spm   # heavy: only for SentencePiece models
-        from sentencepiece import sentencepiece_model_pb2 as pb   # protobuf model editing, SentencePiece models only
 
+        pb = sentencepiece_model_pb2()
         self.proto_bytes = model_proto
         self.proto = pb.ModelProto()
         self.proto.ParseFromString(model_proto)
@@ -531,6 +531,32 @@ class Tokenizer:
         kind, payload, added = state["_b"]
         state["_b"] = _SPM(payload, added) if kind == "sentencepiece" else _HF(payload)
         self.__dict__.update(state)
+
+
+def sentencepiece_model_pb2():
+    """sentencepiece's generated ModelProto module (protobuf model editing, SentencePiece models only).
+
+    sentencepiece 0.2.3 ships code generated for protobuf 7.36 that refuses an older protobuf runtime on import
+    (VersionError), while apache-beam (`minicpm data process`) needs protobuf < 7. The module itself only
+    registers a serialized descriptor through the builder API that protobuf 5 and 6 have as well, so with an older
+    runtime it is imported once with that version check skipped."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        return pb
+    except ImportError:
+        raise
+    except Exception as e:  # google.protobuf.runtime_version.VersionError (absent from protobuf 5)
+        if type(e).__name__ != "VersionError":
+            raise
+    from google.protobuf import runtime_version
+
+    check = runtime_version.ValidateProtobufRuntimeVersion
+    runtime_version.ValidateProtobufRuntimeVersion = lambda *args, **kwargs: None
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    finally:
+        runtime_version.ValidateProtobufRuntimeVersion = check
+    return pb
 
 
 def _raise_template_error(message: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 from data_pipeline import bench as data_bench
@@ -44,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--train-tokens-per-s", type=float, help="skip measuring the train step, use this number")
     p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--beam-workers", default="1,2",
+                   help="DirectRunner worker processes for the Beam rows (`data process` vs the local path); '' skips")
+    p.add_argument("--beam-inputs", nargs="*", help="JSONL files for the Beam rows (default: the prepared corpus)")
     add_config_arguments(p)
     p.set_defaults(func=cmd_bench_data)
 
@@ -78,8 +82,23 @@ def cmd_bench_data(args) -> int:
         prepared = prepare_data(workdir, cfg, progress=False)
     res = data_bench.run(prepared, cfg, train_tokens_per_s=args.train_tokens_per_s, train_step=tiny_train_tokens_per_s,
                          workers=tuple(int(w) for w in args.workers.split(",")), seconds=args.seconds)
+    numbers = data_bench.summary_numbers(res)
+    if args.beam_workers:
+        # Beam is imported only for these rows: every other `minicpm` command stays free of it
+        from data_pipeline.beam import bench as beam_bench
+
+        inputs = args.beam_inputs or beam_bench.default_inputs(prepared.workdir)
+        mb = sum(Path(p).stat().st_size for p in inputs) / 1e6
+        print(f"\n`minicpm data process` (Apache Beam, DirectRunner) vs the local path: {len(inputs)} JSONL file(s), "
+              f"{mb:.1f} MB")
+        with tempfile.TemporaryDirectory(prefix="minicpm-bench-beam-") as out:  # outputs are not kept
+            rows = beam_bench.bench_beam(inputs, str(prepared.classifier_dir), str(prepared.tokenizer_dir), out,
+                                         workers=tuple(int(w) for w in args.beam_workers.split(",")))
+        beam_bench.print_rows(rows)
+        numbers["beam"] = [{k: r[k] for k in ("path", "workers", "docs", "seconds", "docs_per_s", "mb_per_s")}
+                           for r in rows]
     if args.json:
-        Path(args.json).write_text(json.dumps(data_bench.summary_numbers(res), indent=2))
+        Path(args.json).write_text(json.dumps(numbers, indent=2))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 from pathlib import Path
 
 from data_pipeline import corpus as C
@@ -121,6 +122,32 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_process(args) -> int:
+    setup_logging()
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # its INFO lines drown the per-file progress
+    # Beam is imported only by this command: `import data_pipeline` and the other commands stay light
+    from data_pipeline.beam.config import DedupConfig, ProcessConfig
+    from data_pipeline.beam.run import format_report, run_process
+
+    dedup = DedupConfig(exact=not args.no_exact_dedup, near=not args.no_near_dedup, jaccard=args.jaccard,
+                        num_perm=args.num_perm, bands=args.bands, shingle=args.shingle)
+    cfg = ProcessConfig(inputs=tuple(args.inputs), out=args.out, classifier=args.classifier, tokenizer=args.tokenizer,
+                        threshold=args.threshold, max_doc_mb=args.max_doc_mb, max_doc_chars=args.max_doc_chars,
+                        target_shard_mb=args.target_shard_mb, dedup=dedup)
+    beam_args = shlex.split(args.beam_options or "")
+    if args.runner:
+        beam_args.append(f"--runner={args.runner}")
+    if args.direct_num_workers:
+        beam_args.append(f"--direct_num_workers={args.direct_num_workers}")
+    if args.direct_running_mode:
+        beam_args.append(f"--direct_running_mode={args.direct_running_mode}")
+    report = run_process(cfg, beam_args, overwrite=args.overwrite)
+    print(format_report(report, args.out))
+    if report.get("counters"):
+        print("beam counters: " + ", ".join(f"{k}={v}" for k, v in sorted(report["counters"].items())))
+    return 0
+
+
 def cmd_prepare(args) -> int:
     setup_logging()
     p = prepare_data(args.workdir, data_config(args))
@@ -175,6 +202,30 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     add_config_arguments(p)
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("process", help="Apache Beam: read -> dedup (exact + MinHash LSH) -> UltraClean score -> "
+                                       "tokenize -> token shards, on the DirectRunner or a cluster runner")
+    p.add_argument("inputs", nargs="+", help="JSONL / Parquet / text files or globs (any Beam filesystem: gs://, ...)")
+    p.add_argument("--out", required=True, help="output directory: train/, eval/ shards, manifest.json, report.json")
+    p.add_argument("--classifier", required=True, help="trained classifier directory (from train-classifier)")
+    p.add_argument("--tokenizer", required=True, help="the run's tokenizer directory (or tokenizer.model)")
+    p.add_argument("--threshold", type=float, help="keep score >= threshold (default: the classifier's)")
+    p.add_argument("--jaccard", type=float, default=0.8, help="near-duplicate Jaccard threshold (default 0.8)")
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
+    p.add_argument("--bands", type=int, help="LSH bands (default: datasketch's optimum for --jaccard)")
+    p.add_argument("--shingle", type=int, default=5, help="words per shingle (default 5)")
+    p.add_argument("--no-exact-dedup", action="store_true")
+    p.add_argument("--no-near-dedup", action="store_true")
+    p.add_argument("--max-doc-mb", type=float, default=8.0, help="larger documents / lines are dropped as huge")
+    p.add_argument("--max-doc-chars", type=int, default=4000, help="longer documents are split into pieces")
+    p.add_argument("--target-shard-mb", type=float, default=256.0)
+    p.add_argument("--overwrite", action="store_true", help="empty --out first")
+    p.add_argument("--runner", help="Beam runner (default DirectRunner): DataflowRunner, FlinkRunner, SparkRunner...")
+    p.add_argument("--direct-num-workers", type=int, help="DirectRunner workers")
+    p.add_argument("--direct-running-mode", choices=("in_memory", "multi_threading", "multi_processing"))
+    p.add_argument("--beam-options", help="more pipeline options for the runner, one string: "
+                                          "--beam-options='--project=P --region=R --temp_location=gs://B/tmp'")
+    p.set_defaults(func=cmd_process, overrides=[])
 
     p = sub.add_parser("prepare", help="everything the main job needs, cached (what `minicpm train` runs)")
     p.add_argument("--workdir", required=True)

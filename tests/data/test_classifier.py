@@ -14,7 +14,8 @@ from data_pipeline.normalize import Preprocessor, clean
 from tests.data.conftest import take_all
 
 # Stated minimum: ROC AUC on sources held out whole (python_reference_en vs package_code + package_metadata) on
-# the ~1.5 MB pip-only sample. Measured over 8 sample seeds: 0.68-0.80 (mean 0.75); 0.96 on the 17 MB pip-only
+# the ~1.5 MB pip-only sample. Measured over 8 sample seeds (0-7): 0.56-0.83 (mean 0.72; seed 0, tested here: 0.73),
+# with apache-beam and its dependencies installed 0.58-0.77 (mean 0.71; seed 0: 0.69); 0.96 on the 17 MB pip-only
 # default corpus and 0.87 with the Debian sources. Chance is 0.50 +- 0.05 here; a random split scores ~0.99.
 HELDOUT_AUC_MIN = 0.65
 
@@ -31,7 +32,7 @@ def test_heldout_sources_auc_above_stated_minimum(rounds):
     assert final["n_pos"] > 30 and final["n_neg"] > 30
     assert final["auc"] >= HELDOUT_AUC_MIN, rounds["rounds"]
     by = rounds["rounds"][-1]["heldout_by_source"]
-    assert by["python_reference_en"]["mean_score"] > by["package_code"]["mean_score"] + 0.2  # >= 0.34 measured
+    assert by["python_reference_en"]["mean_score"] > by["package_code"]["mean_score"] + 0.2  # >= 0.36 measured (seed 0)
 
 
 def test_iterative_rounds_promote_confident_pool_documents(rounds):

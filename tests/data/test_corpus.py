@@ -56,7 +56,9 @@ def test_split_long_never_loses_text(max_chars, corpus_dir):
     for t in texts:
         parts = C.split_long(t, max_chars)
         assert all(len(p) <= max_chars for p in parts)
-        assert "".join(parts).replace(" ", "").replace("\n", "") == t.replace(" ", "").replace("\n", "")
+        # every non-whitespace character stays (a piece that is only whitespace, e.g. the "\r" of a CRLF blank line
+        # in a licence file, is left out by design)
+        assert "".join("".join(parts).split()) == "".join(t.split())
 
 
 def test_chunk_units_joins_short_and_splits_long():
@@ -66,6 +68,38 @@ def test_chunk_units_joins_short_and_splits_long():
     assert "".join(docs).replace("\n", "") == "".join(units)
     assert all(len(d) <= 200 for d in docs)
     assert list(C.chunk_units(["a", "b"], 10, 100, None)) == ["a", "b"]
+
+
+def test_interleaved_texts_take_turns_by_piece():
+    """Round-robin across groups by piece: a group with many files, or one huge file, cannot crowd out the others,
+    and adding a group moves only its own pieces in; the order is fixed by the seed."""
+    from data_pipeline.report import DropReport
+
+    groups = {"many": [f"m{i}" for i in range(500)], "huge": ["h"], "small": ["s0", "s1"], "one": ["o"]}
+    texts = {f"m{i}": f"m{i}" for i in range(500)} | {"h": "x" * 95, "s0": "s0", "s1": "s1", "o": "o"}
+    ctx = S.SourceContext(DropReport(), seed=3, unit_chars=10)
+    out = list(S.interleaved_texts(groups, ctx, "t", str, texts.get))
+    assert sorted(out) == sorted(p for t in texts.values() for p in S.split_long(t, 10))
+    assert sorted(p[0] for p in out[:4]) == ["m", "o", "s", "x"]  # one piece of every group first,
+    assert sorted(p[0] for p in out[4:7]) == ["m", "s", "x"]  # then of every group with pieces left
+    assert all(sorted(p[0] for p in out[i:i + 2]) == ["m", "x"] for i in range(7, 23, 2))  # huge file: 10 pieces
+    assert out == list(S.interleaved_texts(groups, ctx, "t", str, texts.get))  # deterministic
+    ctx4 = S.SourceContext(DropReport(), seed=4, unit_chars=10)
+    assert out != list(S.interleaved_texts(groups, ctx4, "t", str, texts.get))
+    # another group adds its own pieces and leaves the order of the others' alone
+    more = list(S.interleaved_texts(groups | {"new": ["n"]}, ctx, "t", str, (texts | {"n": "new"}).get))
+    assert [t for t in more if t != "new"] == out and "new" in more[:5]
+    # an unreadable item (None) is skipped and its group goes on with its next item
+    assert list(S.interleaved_texts({"g": ["bad", "s1"]}, ctx, "t", str, texts.get)) == ["s1"]
+
+
+def test_installed_distributions_are_one_per_name():
+    dists = S.installed_distributions()
+    names = [S._dist_key(d) for d in dists]
+    assert len(names) == len(set(names)) and all(names)
+    import importlib.metadata as md
+    for d in dists[:20]:  # the copy that importlib.metadata.version() (and import) sees
+        assert md.version(d.metadata["Name"]) == d.version
 
 
 def test_deterministic_for_a_seed(tmp_path, data_cfg):

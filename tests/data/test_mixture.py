@@ -61,7 +61,10 @@ def test_efficient_verification_candidate_arm(prepared, data_cfg, token_docs):
     base_low = sum(len(d["tokens"]) for d in token_docs if d["score"] < 0.5) / all_tokens
     assert abs(low - 0.7 * base_low) < 0.06, (low, base_low)
     default = DataConfig.from_yaml(REPO / "experiments/configs/data/ev_anneal_default.yaml")
-    counts_a = token_shares(prepared, data_cfg.replace(mixture=default.mixture), token_docs, n_batches=100)
+    # 400 batches (~100k tokens): a document gives many consecutive pieces, so 100 batches hold only a few dozen
+    # documents and their low-score share strayed from base_low by up to 0.17 with an unchanged corpus size (seed 0,
+    # another set of installed packages); 400 batches came within 0.02 of it in both environments
+    counts_a = token_shares(prepared, data_cfg.replace(mixture=default.mixture), token_docs, n_batches=400)
     low_a = sum(n for (_, s), n in counts_a.items() if s < 0.5) / sum(counts_a.values())
     assert abs(low_a - base_low) < 0.08 and low < low_a
 

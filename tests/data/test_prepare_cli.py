@@ -109,7 +109,7 @@ def test_register_adds_every_subcommand():
     parser = build_parser()
     for cmd in ("build --out x", "train-tokenizer --corpus c --out x", "train-classifier --corpus c --out x",
                 "score in.jsonl --classifier c --out x", "stats p", "sft --tokenizer t --out x",
-                "prepare --workdir w"):
+                "prepare --workdir w", "process in.jsonl --out o --classifier c --tokenizer t"):
         args = parser.parse_args(["data", *cmd.split()])
         assert callable(args.func)
     assert callable(parser.parse_args(["bench", "data", "--train-tokens-per-s", "5"]).func)
