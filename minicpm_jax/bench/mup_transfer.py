@@ -2,7 +2,8 @@
 transfer sweep (`minicpm sweep experiments/sweeps/mup_transfer.yaml`) and writes the table and one plot: final
 held-out loss vs peak_lr, one curve per width, a panel per parametrisation.
 
-The best peak_lr of each (parametrisation, width) is the grid point of lowest loss, refined by a parabola through it
+Each run directory is read on its own (its recorded config says width, parametrisation and lr), so a sweep still
+running reads too. The best peak_lr of each (parametrisation, width) is the grid point of lowest loss, refined by a parabola through it
 and its two neighbours in log2(lr) (when it is not at the grid's edge). Its drift is the slope of log2(best lr)
 against log2(width), in octaves of lr per doubling of width: 0 = the optimum transfers; -1 = it halves each time the
 width doubles (what standard parametrisation predicts for Adam's hidden matrices).
@@ -14,7 +15,6 @@ optimiser, so the sweep runs it once.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -22,24 +22,33 @@ from typing import Optional
 import numpy as np
 
 from minicpm_jax.train.config import load_config
+from minicpm_jax.train.metrics import read_metrics
+from minicpm_jax.train.sweep import final_metrics
 
-PARAM_KEY, WIDTH_KEY, LR_KEY = "param", "width", "optim.peak_lr"
+def parametrisation(exp) -> str:
+    """"mup-<rule>", "sp" (no μP lr scaling and dim_model_base = hidden_size), or "no-mup-lr" (neither)."""
+    if exp.optim.mup:
+        return f"mup-{exp.optim.mup_rule}"
+    return "sp" if exp.model_config().width_mult == 1.0 else "no-mup-lr"
 
 
 def read_points(sweep_dir: str | Path) -> list[dict]:
-    """[{param, width, lr, loss, status, width_mult}] from a sweep's summary.json and each run's recorded config.
+    """[{param, width, lr, loss, status, width_mult}], one per finished or diverged run directory of the sweep, from
+    each run's recorded config.yaml and metrics (so a sweep still running, or cut short, reads too).
 
-    loss: the final eval loss (None when the run failed or diverged)."""
-    sweep_dir = Path(sweep_dir)
+    loss: the final eval loss of a run that reached its last step (None when it diverged)."""
     out = []
-    for p in json.loads((sweep_dir / "summary.json").read_text()):
-        v = p["values"]
-        cfg_path = sweep_dir / p["point"] / "config.yaml"
-        mult = load_config(cfg_path, recorded=True).model_config().width_mult if cfg_path.exists() else None
-        loss = p.get("eval_loss") if p.get("status") == "ok" else None
-        out.append({"param": str(v[PARAM_KEY]), "width": int(v[WIDTH_KEY]), "lr": float(v[LR_KEY]),
-                    "loss": loss if loss is not None and math.isfinite(loss) else None, "status": p.get("status"),
-                    "width_mult": mult, "seconds": p.get("seconds")})
+    for run_dir in sorted(p for p in Path(sweep_dir).iterdir() if (p / "config.yaml").exists()):
+        exp = load_config(run_dir / "config.yaml", recorded=True)
+        cfg = exp.model_config()
+        m = final_metrics(run_dir)
+        done = m["steps"] == exp.train.steps and m["eval_loss"] is not None and math.isfinite(m["eval_loss"])
+        rows = [r for r in read_metrics(run_dir) if r["split"] in ("train", "eval")]
+        diverged = any(not math.isfinite(r["loss"]) for r in rows)
+        if done or diverged:                     # an unfinished run (still going, or killed) is not a data point
+            out.append({"param": parametrisation(exp), "width": cfg.hidden_size, "lr": exp.optim.peak_lr,
+                        "loss": m["eval_loss"] if done else None, "status": "ok" if done else "diverged",
+                        "width_mult": cfg.width_mult})
     return out
 
 
@@ -163,8 +172,8 @@ def run(sweep_dir: str | Path = "runs/sweeps/mup_transfer", out: Optional[str | 
     sweep_dir = Path(sweep_dir)
     points = fill_shared(read_points(sweep_dir))
     text = table(points)
-    secs = [p["seconds"] for p in points if p.get("seconds") and not p.get("shared_from")]
-    note = f"{len(secs)} runs, {sum(secs) / 60:.1f} min of run time in all" if secs else ""
+    runs = [p for p in points if not p.get("shared_from")]
+    note = f"{sum(p['loss'] is not None for p in runs)} of {len(runs)} runs finished"
     png = plot(points, out or sweep_dir / "transfer.png", title=f"learning-rate transfer ({sweep_dir.name}; {note})")
     (sweep_dir / "transfer.md").write_text(text + "\n")
     print(f"{text}\n\n{note}\ntable: {sweep_dir / 'transfer.md'}\nplot:  {png}", flush=True)
