@@ -8,9 +8,9 @@ and its two neighbours in log2(lr) (when it is not at the grid's edge). Its drif
 against log2(width), in octaves of lr per doubling of width: 0 = the optimum transfers; -1 = it halves each time the
 width doubles (what standard parametrisation predicts for Adam's hidden matrices).
 
-A (width, parametrisation) the sweep left out is taken from another parametrisation's run at that width when that
-run's width multiplier (hidden_size / dim_model_base) is 1: there every parametrisation is the same model and
-optimiser, so the sweep runs it once.
+A (width, parametrisation) the sweep left out is taken from a μP run at that width whose width multiplier
+(hidden_size / dim_model_base) is 1: there every parametrisation is the same model and optimiser, so the sweep runs
+it once.
 """
 
 from __future__ import annotations
@@ -53,12 +53,14 @@ def read_points(sweep_dir: str | Path) -> list[dict]:
 
 
 def fill_shared(points: list[dict]) -> list[dict]:
-    """Add the (param, width, lr) cells the sweep left out where another parametrisation ran at width_mult 1."""
+    """Add the (param, width, lr) cells the sweep left out where a μP run had width_mult 1 (width = its
+    dim_model_base): there every μP rule and SP are the same model and optimiser. (An SP run always has width_mult 1
+    and stands for nothing else: μP differs from it at any other width.)"""
     params = list(dict.fromkeys(p["param"] for p in points))
     have = {(p["param"], p["width"], p["lr"]) for p in points}
     extra = []
     for p in points:
-        if p["width_mult"] == 1.0:
+        if p["width_mult"] == 1.0 and p["param"].startswith("mup-"):
             extra += [{**p, "param": q, "shared_from": p["param"]} for q in params
                       if (q, p["width"], p["lr"]) not in have]
     return points + extra

@@ -32,10 +32,9 @@ def test_drift_is_octaves_per_doubling():
     assert drift(best, "sp") == pytest.approx(-1.0, abs=1e-6)
 
 
-def test_a_width_multiplier_1_run_stands_for_every_parametrisation():
+def test_a_width_multiplier_1_mup_run_stands_for_every_parametrisation():
     pts = [{"param": "mup-hidden", "width": 256, "lr": 0.01, "loss": 3.0, "width_mult": 1.0},
-           {"param": "sp", "width": 128, "lr": 0.01, "loss": 3.2, "width_mult": 1.0}]
+           {"param": "sp", "width": 128, "lr": 0.01, "loss": 3.2, "width_mult": 1.0}]   # SP: m = 1 at every width
     filled = fill_shared(pts)
-    assert {(p["param"], p["width"]) for p in filled} == {("mup-hidden", 256), ("sp", 256), ("mup-hidden", 128),
-                                                          ("sp", 128)}
-    assert [p.get("shared_from") for p in filled[2:]] == ["mup-hidden", "sp"]
+    assert {(p["param"], p["width"]) for p in filled} == {("mup-hidden", 256), ("sp", 256), ("sp", 128)}
+    assert filled[2]["shared_from"] == "mup-hidden"
