@@ -198,7 +198,8 @@ def plot(rows: list[dict], out: str | Path, title: str = "") -> Path:
     for ax, p in zip(axes[0], params):
         for ci, layer in enumerate(LAYERS):
             for si, s in enumerate(steps):
-                pts = sorted((r["width"], r["rms"]) for r in rows if (r["param"], r["step"], r["layer"]) == (p, s, layer))
+                pts = sorted((r["width"], r["rms"]) for r in rows
+                             if (r["param"], r["step"], r["layer"]) == (p, s, layer))
                 ax.plot(*zip(*pts), styles[si % len(styles)], marker="o", markersize=3, color=f"C{ci}",
                         label=f"{layer}, step {s}")
         ax.set_xscale("log", base=2)
@@ -218,7 +219,7 @@ def plot(rows: list[dict], out: str | Path, title: str = "") -> Path:
     return out
 
 
-def run(widths: Sequence[int] = (128, 256, 512, 1024, 2048), *, layers: int = 2, batch: int = 4, seq: int = 128,
+def run(widths: Sequence[int] = (128, 256, 512, 1024, 2048), *, layers: int = 2, batch: int = 2, seq: int = 64,
         peak_lr: float = 1e-2, record_steps: Sequence[int] = (1, 4), dim_model_base: float = 256.0,
         data_dir: Optional[str] = "runs/data", out: str | Path = "runs/bench/mup_coord_check.png",
         seed: int = 0) -> list[dict]:

@@ -3,8 +3,8 @@ transfer sweep (`minicpm sweep experiments/sweeps/mup_transfer.yaml`) and writes
 held-out loss vs peak_lr, one curve per width, a panel per parametrisation.
 
 Each run directory is read on its own (its recorded config says width, parametrisation and lr), so a sweep still
-running reads too. The best peak_lr of each (parametrisation, width) is the grid point of lowest loss, refined by a parabola through it
-and its two neighbours in log2(lr) (when it is not at the grid's edge). Its drift is the slope of log2(best lr)
+running reads too. The best peak_lr of each (parametrisation, width) is the grid point of lowest loss, refined by a
+parabola through it and its two neighbours in log2(lr) (when it is not at the grid's edge). Its drift is the slope of log2(best lr)
 against log2(width), in octaves of lr per doubling of width: 0 = the optimum transfers; -1 = it halves each time the
 width doubles (what standard parametrisation predicts for Adam's hidden matrices).
 
@@ -155,10 +155,10 @@ def plot(points: list[dict], out: str | Path, title: str = "") -> Path:
         ax.set_title(f"{param}" + ("" if d is None else f"  (best lr drift {d:+.2f} oct/doubling)"), fontsize=9)
         ax.grid(alpha=0.3, which="both")
         if finite:
-            lo, hi = min(finite), sorted(finite)[int(0.9 * (len(finite) - 1))]
-            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+            lo, hi = min(finite), max(finite)
+            ax.set_ylim(lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo))
     axes[0][0].set_ylabel("final held-out loss")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -61,8 +61,8 @@ def register(sub) -> None:
     p.add_argument("--layers", type=int, default=2, help="depth, the same at every width (default 2)")
     p.add_argument("--steps", default="1,4", help="Adam steps after which to record (init is always recorded)")
     p.add_argument("--lr", type=float, default=1e-2, help="constant peak_lr (the base-width lr under μP)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=64)
     p.add_argument("--dim-model-base", type=float, default=256.0)
     p.add_argument("--data-dir", default="runs/data",
                    help="prepared corpus for a real-text batch (synthetic tokens when it is not prepared)")
