@@ -210,13 +210,15 @@ class MiniCPM(nn.Module):
             (cfg.vocab_size, cfg.hidden_size), dtype_of(cfg.param_dtype))
         h = jnp.take(embedding, input_ids, axis=0).astype(dtype) * jnp.asarray(cfg.scale_emb, dtype)
         h = nn.with_logical_constraint(h, ("batch", "seq", "embed"))
+        self.sow("intermediates", "embedding", h)    # no-op unless applied with mutable "intermediates" (μP checks)
         cos, sin = rope_cos_sin(cfg, positions, input_ids.shape[1] if kv_len is None else kv_len)
 
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
             layer_cls = nn.remat(DecoderLayer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
         cache_axis = nn.broadcast if cache is None else 0
-        stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+        # "intermediates" stacks per layer, so `capture_intermediates` sees inside the scan (bench/mup.py)
+        stack = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                         in_axes=(cache_axis,) + (nn.broadcast,) * 6, length=cfg.num_hidden_layers,
                         unroll=1 if cfg.scan_layers else cfg.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})

@@ -1,4 +1,5 @@
-"""`minicpm bench {sparse,train,data,edge}`: benchmarks that print tables of ratios measured side by side."""
+"""`minicpm bench {sparse,train,data,edge,mup,mup-transfer}`: benchmarks that print tables of ratios measured side by
+side (mup: the μP coordinate check; mup-transfer: the learning-rate transfer sweep's table and plot)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from data_pipeline import bench as data_bench
 from data_pipeline.prepare import load_prepared, prepare_data
-from minicpm_jax.bench import edge, sparse, train
+from minicpm_jax.bench import edge, mup, mup_transfer, sparse, train
 from minicpm_jax.cli.data import add_config_arguments, data_config, setup_logging
 
 
@@ -61,6 +62,30 @@ def register(sub) -> None:
     p.add_argument("--out-dir", default=None, help="keep the GGUF files here (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench_edge)
+
+    p = bsub.add_parser("mup", help="μP coordinate check: layer-output RMS vs width at init and after Adam steps",
+                        description=mup.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--widths", default="128,256,512,1024,2048", help="comma-separated hidden sizes")
+    p.add_argument("--layers", type=int, default=2, help="depth, the same at every width (default 2)")
+    p.add_argument("--steps", default="1,4", help="Adam steps after which to record (init is always recorded)")
+    p.add_argument("--lr", type=float, default=1e-2, help="constant peak_lr (the base-width lr under μP)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--dim-model-base", type=float, default=256.0)
+    p.add_argument("--data-dir", default="runs/data",
+                   help="prepared corpus for a real-text batch (synthetic tokens when it is not prepared)")
+    p.add_argument("--out", default="runs/bench/mup_coord_check.png", help="plot path (rows as JSON beside it)")
+    p.set_defaults(func=lambda a: mup.run(
+        [int(w) for w in a.widths.split(",")], layers=a.layers, batch=a.batch, seq=a.seq, peak_lr=a.lr,
+        record_steps=[int(s) for s in a.steps.split(",")], dim_model_base=a.dim_model_base, data_dir=a.data_dir,
+        out=a.out) and 0)
+
+    p = bsub.add_parser("mup-transfer", help="table and plot of a finished μP learning-rate transfer sweep",
+                        description=mup_transfer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", nargs="?", default="runs/sweeps/mup_transfer",
+                   help="the sweep's output dir (minicpm sweep experiments/sweeps/mup_transfer.yaml)")
+    p.add_argument("--out", default=None, help="plot path (default: <sweep_dir>/transfer.png)")
+    p.set_defaults(func=lambda a: mup_transfer.run(a.sweep_dir, a.out) and 0)
 
 
 def tiny_train_tokens_per_s(batch: int, seq: int) -> float:

@@ -25,6 +25,7 @@ from minicpm_jax.config import ModelConfig
 from minicpm_jax.model_spec import ModelSection
 
 DECAY_SHAPES = ("linear", "cosine", "exponential")
+MUP_RULES = ("hidden", "every_2d")   # see minicpm_jax/train/mup.py
 
 # What a new phase (`train.init_from`) checks against its source's model config (`minicpm_jax.train.phase`).
 # The weights' shapes depend on these: they must agree, and cannot be overridden.
@@ -45,9 +46,12 @@ def _need(cond: bool, field: str, msg: str):
 class OptimConfig:
     """AdamW with a WSD schedule and μP per-tensor learning rates.
 
-    peak_lr is the learning rate of the base-width model (hidden = dim_model_base). Hidden matrices (attention and
-    MLP kernels) use peak_lr / (hidden_size / dim_model_base); embeddings, the head and norms use peak_lr (μP for
-    Adam, as in MiniCPM: the head's 1/width factor is already in the forward pass).
+    peak_lr is the learning rate of the base-width model (hidden = dim_model_base). With `mup`, `mup_rule` says which
+    tensors train at peak_lr / (hidden_size / dim_model_base) and start from a 1/sqrt of that narrower init:
+    "hidden" = attention and MLP kernels (embeddings, head and norms keep peak_lr; μP for Adam, the head's 1/width
+    factor being in the forward pass); "every_2d" = every 2-D tensor, embeddings and head too (minicpm_jax/train/
+    mup.py). `mup: false` gives every tensor peak_lr; with model.dim_model_base = hidden_size that is standard
+    parametrisation.
     """
 
     peak_lr: float = 1e-2
@@ -63,8 +67,10 @@ class OptimConfig:
     decay_embeddings: bool = False       # apply weight decay to embeddings / head (norms are never decayed)
     clip_grad_norm: float = 1.0          # <= 0 disables clipping
     mup: bool = True
+    mup_rule: str = "hidden"             # hidden | every_2d (which tensors scale with width; used when mup is true)
 
     def __post_init__(self):
+        _need(self.mup_rule in MUP_RULES, "optim.mup_rule", f"must be one of {MUP_RULES}, got {self.mup_rule!r}")
         _need(self.peak_lr > 0, "optim.peak_lr", f"must be > 0, got {self.peak_lr}")
         _need(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _need(self.decay_steps >= 0, "optim.decay_steps", f"must be >= 0, got {self.decay_steps}")

@@ -6,9 +6,10 @@ schedule is a pure function of the step, so a resumed run continues it exactly; 
 stable checkpoint, long-context extension) is a new run with `train.init_from` and its own schedule, with fresh Adam
 moments or (`train.init_from_optimizer`) the source run's (`minicpm_jax.train.phase.continue_optimizer`).
 
-μP rule (MiniCPM-1 / Tensor Programs V, for Adam): with width multiplier m = hidden_size / dim_model_base, hidden
-matrices (attention and MLP kernels) train at peak_lr / m; embeddings, the head and norms at peak_lr. Decoupled weight
-decay is multiplied by each tensor's learning rate, as in AdamW.
+μP per-tensor learning rates (`minicpm_jax.train.mup`, chosen by `optim.mup_rule`): with width multiplier
+m = hidden_size / dim_model_base, hidden matrices train at peak_lr / m ("hidden", the default) or every 2-D tensor
+does ("every_2d"); norms always at peak_lr. Decoupled weight decay is multiplied by each tensor's learning rate, as
+in AdamW.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import optax
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.train.config import OptimConfig
+from minicpm_jax.train.mup import is_embedding_or_head, is_hidden_matrix, lr_multipliers
 
 
 def wsd_schedule(cfg: OptimConfig, total_steps: int):
@@ -46,29 +48,10 @@ def wsd_schedule(cfg: OptimConfig, total_steps: int):
     return schedule
 
 
-def _path_names(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-
-
-def is_hidden_matrix(path) -> bool:
-    """Attention / MLP kernels inside the layers (the tensors whose μP learning rate shrinks with width)."""
-    names = _path_names(path)
-    return "layers" in names and names[-1] == "kernel"
-
-
-def lr_multipliers(model_cfg: ModelConfig, params, mup: bool = True):
-    """Per-tensor learning-rate multipliers: 1 / width_mult for hidden matrices under μP, else 1."""
-    m = 1.0 / model_cfg.width_mult if mup else 1.0
-    return jax.tree_util.tree_map_with_path(lambda p, _: m if is_hidden_matrix(p) else 1.0, params)
-
-
 def weight_decay_mask(params, decay_embeddings: bool = False):
     """True for tensors that get weight decay: hidden matrices, plus embeddings/head if asked; never norms."""
     def decide(path, _):
-        names = _path_names(path)
-        if is_hidden_matrix(path):
-            return True
-        return decay_embeddings and names[-1] in ("embed_tokens", "lm_head")
+        return is_hidden_matrix(path) or (decay_embeddings and is_embedding_or_head(path))
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
@@ -96,7 +79,7 @@ def make_optimizer(cfg: OptimConfig, model_cfg: ModelConfig, params, total_steps
     parts += [
         optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
         optax.add_decayed_weights(cfg.weight_decay, mask=weight_decay_mask(params, cfg.decay_embeddings)),
-        scale_by_tree(lr_multipliers(model_cfg, params, cfg.mup)),
+        scale_by_tree(lr_multipliers(model_cfg, params, cfg.mup, cfg.mup_rule)),
         optax.scale_by_learning_rate(schedule),
     ]
     return optax.chain(*parts), schedule

@@ -27,6 +27,7 @@ from minicpm_jax.sharding import logical_shardings, logical_to_spec, with_shardi
 from minicpm_jax.train.config import OptimConfig
 from minicpm_jax.train.loss import dense_rows, loss_sum_and_count
 from minicpm_jax.train.metrics import train_flops_per_token
+from minicpm_jax.train.mup import apply_init_multipliers, init_multipliers
 from minicpm_jax.train.optimizer import make_optimizer
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
@@ -153,6 +154,7 @@ class StepSetup:
     eval_step: Callable
     flops_per_token: float            # model FLOPs per token when every row takes `plan`'s path (sparse: all rows)
     dense_flops_per_token: float      # ... when a row runs dense (per-row plans: rows shorter than dense_len)
+    init_multipliers: Any = None      # per-leaf floats on the model's init (optim.mup_rule; None = all 1)
 
     def flops_per_step(self, dense_rows=None) -> float:
         """Model FLOPs of one step. dense_rows: the step's `metrics["dense_rows"]` (per-row plans), so that rows shorter
@@ -171,7 +173,9 @@ class StepSetup:
                 for k in BATCH_KEYS}
 
     def init_params(self, seed: int):
-        return init_params(self.cfg, jax.random.key(seed), mesh=self.mesh)
+        """A fresh init: the model's μP init times the μP rule's extra factors (embedding / head under every_2d)."""
+        params = init_params(self.cfg, jax.random.key(seed), mesh=self.mesh)
+        return params if self.init_multipliers is None else apply_init_multipliers(params, self.init_multipliers)
 
     def init_state(self, params) -> TrainState:
         """Step 0 with `params` (already placed with their shardings) and fresh optimizer moments."""
@@ -197,4 +201,5 @@ def build_step(cfg: ModelConfig, mesh: Mesh, batch_shape: tuple[int, int], *, at
                      schedule=schedule, state_shardings=st_sh, batch_sharding=batch_sharding(mesh, batch_shape),
                      train_step=train, eval_step=evaluate,
                      flops_per_token=train_flops_per_token(cfg, batch_shape[1], sparse=plan.sparse),
-                     dense_flops_per_token=train_flops_per_token(cfg, batch_shape[1]))
+                     dense_flops_per_token=train_flops_per_token(cfg, batch_shape[1]),
+                     init_multipliers=init_multipliers(cfg, ap, optim.mup, optim.mup_rule))

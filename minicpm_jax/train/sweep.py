@@ -6,6 +6,16 @@
     grid:                                       # the cartesian product of these values
       train.attention: [dense, sparse]
       model.sparse_config.topk: [4, 8]
+      width:                                    # an axis of bundles: each value sets several keys together
+        - {_label: 128, model.hidden_size: 128, model.num_attention_heads: 2}
+        - {_label: 256, model.hidden_size: 256, model.num_attention_heads: 4}
+
+    exclude:                                    # grid points left out: each entry's keys all match (by label)
+      - {train.attention: dense, model.sparse_config.topk: 8}
+
+A grid value that is a mapping is a bundle of `key: value` overrides applied together (its axis name is only a
+name; `_label` names the value in point names and tables, else its values joined by "-"). A value may refer to another
+key with OmegaConf interpolation, e.g. `model.dim_model_base: ${model.hidden_size}` (standard parametrisation).
 
 Points run one after another as separate `minicpm train` processes (a failing point is reported, not fatal), each
 writing `runs/sweeps/<name>/<point>`; `--emit-commands` prints one launch command per point for a cluster instead.
@@ -39,6 +49,19 @@ def load_sweep(path: str | Path) -> dict:
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise ValueError(f"{path}: grid key {k!r} must have a non-empty list of values, got {v!r}")
+        bundles = [isinstance(x, dict) for x in v]
+        if any(bundles) and not all(bundles):
+            raise ValueError(f"{path}: grid key {k!r} mixes bundles (mappings) and plain values: {v!r}")
+        for b in (x for x in v if isinstance(x, dict)):
+            if not [key for key in b if key != "_label"]:
+                raise ValueError(f"{path}: grid key {k!r} has a bundle that sets nothing: {b!r}")
+    exclude = spec.setdefault("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
+        raise ValueError(f"{path}: 'exclude' must be a list of non-empty mappings of grid keys to values")
+    for e in exclude:
+        unknown = set(e) - set(grid)
+        if unknown:
+            raise ValueError(f"{path}: exclude entry {e!r} names keys that are not in the grid: {sorted(unknown)}")
     spec.setdefault("name", path.stem)
     spec.setdefault("overrides", [])
     return spec
@@ -48,16 +71,32 @@ def _fmt(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
+def _label(v: Any) -> Any:
+    """What a grid value is called in point names and tables (a bundle: its `_label`, or its values joined)."""
+    if not isinstance(v, dict):
+        return v
+    return v.get("_label", "-".join(_fmt(x) for k, x in v.items() if k != "_label"))
+
+
+def _overrides(key: str, v: Any) -> list[str]:
+    """The `key=value` overrides one grid value stands for (a bundle: each of its keys)."""
+    if not isinstance(v, dict):
+        return [f"{key}={_fmt(v)}"]
+    return [f"{k}={_fmt(x)}" for k, x in v.items() if k != "_label"]
+
+
 def expand(spec: dict) -> list[dict]:
-    """[{name, overrides: [...], values: {key: value}}] for every grid point."""
+    """[{name, overrides: [...], values: {key: value or bundle label}}] for every grid point."""
     keys = list(spec["grid"])
     points = []
     for i, combo in enumerate(itertools.product(*(spec["grid"][k] for k in keys))):
-        values = dict(zip(keys, combo))
+        values = {k: _label(v) for k, v in zip(keys, combo)}
+        if any(all(values[k] == v for k, v in e.items()) for e in spec.get("exclude", [])):
+            continue
         tag = "_".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in values.items())
         name = f"{i:03d}_{tag}".replace("/", "-").replace(" ", "")
         out = f"runs/sweeps/{spec['name']}/{name}"
-        overrides = list(spec["overrides"]) + [f"{k}={_fmt(v)}" for k, v in values.items()] + [
+        overrides = list(spec["overrides"]) + [o for k, v in zip(keys, combo) for o in _overrides(k, v)] + [
             f"name={spec['name']}-{i:03d}", f"output_dir={out}"]
         points.append({"name": name, "values": values, "overrides": overrides, "output_dir": out})
     return points

@@ -49,7 +49,8 @@ def test_the_installed_package_is_the_one_imported(installed):
 @pytest.mark.parametrize("command", [["--help"], ["train", "--help"], ["generate", "--help"], ["eval", "--help"],
                                      ["export", "--help"], ["data", "--help"], ["sweep", "--help"],
                                      ["bench", "sparse", "--help"], ["bench", "train", "--help"],
-                                     ["bench", "data", "--help"], ["bench", "edge", "--help"]])
+                                     ["bench", "data", "--help"], ["bench", "edge", "--help"], ["bench", "mup", "--help"],
+                                     ["bench", "mup-transfer", "--help"]])
 def test_every_command_and_benchmark_is_there(installed, command):
     r = minicpm(installed, *command)
     assert r.returncode == 0 and "usage: minicpm" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -55,6 +55,29 @@ def test_sweep_expands_the_grid_and_emits_commands(tmp_path):
         load_sweep(f)
 
 
+def test_sweep_bundles_set_keys_together_and_exclude_drops_points(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: demo\nbase: experiments/configs/tiny.yaml\ngrid:\n"
+                 "  width:\n    - {_label: 128, model.hidden_size: 128, model.num_attention_heads: 2}\n"
+                 "    - {model.hidden_size: 512, model.num_attention_heads: 8}\n"
+                 "  param:\n    - {_label: mup, optim.mup: true}\n"
+                 "    - {_label: sp, optim.mup: false, model.dim_model_base: '${model.hidden_size}'}\n"
+                 "exclude:\n  - {width: 128, param: sp}\n")
+    points = expand(load_sweep(f))
+    assert [p["values"] for p in points] == [{"width": 128, "param": "mup"}, {"width": "512-8", "param": "mup"},
+                                             {"width": "512-8", "param": "sp"}]
+    assert points[2]["name"] == "003_width=512-8_param=sp"          # names keep the full grid's index
+    exp = load_config("experiments/configs/tiny.yaml", points[2]["overrides"])
+    cfg = exp.model_config()
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.width_mult, exp.optim.mup) == (512, 8, 1.0, False)
+    f.write_text("grid:\n  width: [{model.hidden_size: 128}, 256]\n")
+    with pytest.raises(ValueError, match="mixes bundles"):
+        load_sweep(f)
+    f.write_text("grid:\n  optim.peak_lr: [0.01]\nexclude: [{optim.lr: 0.01}]\n")
+    with pytest.raises(ValueError, match="not in the grid"):
+        load_sweep(f)
+
+
 def test_emitted_commands_with_a_launcher_template(tmp_path, capsys):
     import shlex
     from minicpm_jax.train.sweep import run_sweep
