@@ -1,0 +1,62 @@
+"""Evaluate every arm of the long-context sweep and write the combined table and heatmaps.
+
+    minicpm sweep experiments/sweeps/long_context.yaml
+    python experiments/long_context_eval.py [--sweep-dir runs/sweeps/long_context] [--lengths 2048,4096,8192]
+
+Each arm (a run directory under --sweep-dir) is scored by `minicpm eval` with its own attention (the run's
+model.attention: dense, or InfLLM v2 with the run's variant) on held-out loss and the held-out needle tasks; the
+reports land in <arm>/eval/report.json, the comparison in <sweep-dir>/comparison.md and comparison.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from minicpm_jax.evals import compare
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sweep-dir", default="runs/sweeps/long_context")
+    p.add_argument("--tasks", default="niah_en,niah_en_multikey")
+    p.add_argument("--lengths", default="2048,4096,8192")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--samples", type=int, default=4, help="needle items per length x depth")
+    p.add_argument("--batches", type=int, default=2, help="held-out loss: batches per eval source")
+    p.add_argument("--batch-size", type=int, default=4, help="decode rows per batch (8K dense prefill is big)")
+    p.add_argument("--skip-existing", action="store_true", help="reuse an arm's report.json when present")
+    args = p.parse_args(argv)
+    arms = sorted(d for d in Path(args.sweep_dir).iterdir() if (d / "config.yaml").is_file())
+    if not arms:
+        raise SystemExit(f"no runs under {args.sweep_dir}: run `minicpm sweep experiments/sweeps/long_context.yaml`")
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    reports, seconds = {}, {}
+    for arm in arms:
+        report = arm / "eval" / "report.json"
+        if not (args.skip_existing and report.is_file()):
+            t0 = time.time()
+            cmd = [sys.executable, "-m", "minicpm_jax.cli", "eval", "--checkpoint", str(arm),
+                   "--tasks", ",".join(("heldout",) + tasks), "--lengths", args.lengths, "--depths", args.depths,
+                   "--samples", str(args.samples), "--batches", str(args.batches),
+                   "--batch-size", str(args.batch_size), "--report", str(report)]
+            print(f"[long_context_eval] {arm.name}: {' '.join(cmd[2:])}", flush=True)
+            subprocess.run(cmd, check=True)
+            seconds[arm.name] = round(time.time() - t0, 1)
+        name = arm.name.split("_", 1)[1] if "_" in arm.name else arm.name      # "000_dense" -> "dense"
+        reports[name] = json.loads(report.read_text())
+    out = Path(args.sweep_dir)
+    md = compare.table(reports, tasks)
+    (out / "comparison.md").write_text(md + "\n")
+    (out / "comparison.json").write_text(json.dumps({"eval_seconds": seconds, "reports": reports}, indent=1) + "\n")
+    png = compare.plot(reports, out / "comparison.png", tasks, title="needle accuracy (held-out text), per arm")
+    print(f"\n{md}\n\ntable: {out / 'comparison.md'}\nheatmaps: {png}\neval seconds: {seconds}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The side-by-side table and heatmaps of several runs' eval reports (minicpm_jax.evals.compare)."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from minicpm_jax.evals import compare
+
+
+def _report(loss, acc2k, acc4k, floor=1.0):
+    grid = {2048: {0.0: acc2k, 1.0: acc2k}, 4096: {0.0: acc4k, 1.0: acc4k}}
+    task = {"kind": "needle", "value": (acc2k + acc4k) / 2, "by_length": {2048: acc2k, 4096: acc4k}, "grid": grid,
+            "floor_first_number": floor, "seconds": 10.0}
+    multi = dict(task, floor_first_number=0.25, value=0.0, by_length={2048: 0.0, 4096: 0.0},
+                 grid={2048: {0.0: 0.0, 1.0: 0.0}, 4096: {0.0: 0.0, 1.0: 0.0}}, seconds=5.0)
+    return {"heldout": {"wiki_en": {"loss": 9.0, "tokens": 1}, "all": {"loss": loss, "tokens": 10}},
+            "tasks": {"niah_en": task, "niah_en_multikey": multi}}
+
+
+def test_table_rows_and_floors():
+    md = compare.table({"dense": _report(4.5, 0.75, 0.25), "sparse": _report(4.25, 0.5, 0.0)})
+    lines = md.splitlines()
+    assert lines[0] == ("| run | held-out loss | niah_en @ 2048 | niah_en @ 4096 | niah_en_multikey @ 2048 | "
+                        "niah_en_multikey @ 4096 | seconds |")
+    assert lines[2] == "| dense | 4.5000 | 0.75 | 0.25 | 0.00 | 0.00 | 15 |"
+    assert lines[3] == "| sparse | 4.2500 | 0.50 | 0.00 | 0.00 | 0.00 | 15 |"
+    assert lines[4].startswith("| floor: first number / random |  | 1.00 / 1.00 | 1.00 / 1.00 | 0.25 / 0.25 |")
+
+
+def test_missing_heldout_and_plot(tmp_path):
+    r = _report(4.0, 1.0, 0.0)
+    del r["heldout"]
+    assert compare.heldout_loss(r) is None
+    assert "| a | — |" in compare.table({"a": r})
+    png = compare.plot({"a": r, "b": _report(4.0, 0.0, 1.0)}, tmp_path / "x.png")
+    with Image.open(png) as im:
+        w, h = im.size
+    assert w > h > 100                          # two rows of two heatmaps
