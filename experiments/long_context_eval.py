@@ -4,8 +4,10 @@
     python experiments/long_context_eval.py [--sweep-dir runs/sweeps/long_context] [--lengths 2048,4096,8192]
 
 Each arm (a run directory under --sweep-dir) is scored by `minicpm eval` with its own attention (the run's
-model.attention: dense, or InfLLM v2 with the run's variant) on held-out loss and the held-out needle tasks; the
-reports land in <arm>/eval/report.json, the comparison in <sweep-dir>/comparison.md and comparison.png.
+model.attention: dense, or InfLLM v2 with the run's variant) on the held-out needle tasks; the reports land in
+<arm>/eval/report.json, the comparison in <sweep-dir>/comparison.md and comparison.png. The held-out loss is the
+run's own final eval (its eval sources at 2048 tokens, the same batches for every arm, with the arm's attention);
+`--heldout-batches N` scores every eval source with `minicpm eval` instead (slow on CPU: 12 sources x N batches).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 from minicpm_jax.evals import compare
+from minicpm_jax.train.sweep import final_metrics
 
 
 def main(argv=None) -> int:
@@ -27,7 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="2048,4096,8192")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--samples", type=int, default=4, help="needle items per length x depth")
-    p.add_argument("--batches", type=int, default=2, help="held-out loss: batches per eval source")
+    p.add_argument("--heldout-batches", type=int, default=0,
+                   help="also score held-out loss per eval source with N batches (0: the run's final eval loss)")
     p.add_argument("--batch-size", type=int, default=4, help="decode rows per batch (8K dense prefill is big)")
     p.add_argument("--skip-existing", action="store_true", help="reuse an arm's report.json when present")
     args = p.parse_args(argv)
@@ -35,24 +39,26 @@ def main(argv=None) -> int:
     if not arms:
         raise SystemExit(f"no runs under {args.sweep_dir}: run `minicpm sweep experiments/sweeps/long_context.yaml`")
     tasks = tuple(t for t in args.tasks.split(",") if t)
-    reports, seconds = {}, {}
+    reports, seconds, losses = {}, {}, {}
     for arm in arms:
         report = arm / "eval" / "report.json"
         if not (args.skip_existing and report.is_file()):
             t0 = time.time()
+            heldout = ("heldout",) if args.heldout_batches > 0 else ()
             cmd = [sys.executable, "-m", "minicpm_jax.cli", "eval", "--checkpoint", str(arm),
-                   "--tasks", ",".join(("heldout",) + tasks), "--lengths", args.lengths, "--depths", args.depths,
-                   "--samples", str(args.samples), "--batches", str(args.batches),
+                   "--tasks", ",".join(heldout + tasks), "--lengths", args.lengths, "--depths", args.depths,
+                   "--samples", str(args.samples), "--batches", str(max(args.heldout_batches, 1)),
                    "--batch-size", str(args.batch_size), "--report", str(report)]
             print(f"[long_context_eval] {arm.name}: {' '.join(cmd[2:])}", flush=True)
             subprocess.run(cmd, check=True)
             seconds[arm.name] = round(time.time() - t0, 1)
         name = arm.name.split("_", 1)[1] if "_" in arm.name else arm.name      # "000_dense" -> "dense"
         reports[name] = json.loads(report.read_text())
+        losses[name] = final_metrics(arm)["eval_loss"]
     out = Path(args.sweep_dir)
-    md = compare.table(reports, tasks)
+    md = compare.table(reports, tasks, losses=losses)
     (out / "comparison.md").write_text(md + "\n")
-    (out / "comparison.json").write_text(json.dumps({"eval_seconds": seconds, "reports": reports}, indent=1) + "\n")
+    (out / "comparison.json").write_text(json.dumps({"eval_seconds": seconds, "final_eval_loss": losses, "reports": reports}, indent=1) + "\n")
     png = compare.plot(reports, out / "comparison.png", tasks, title="needle accuracy (held-out text), per arm")
     print(f"\n{md}\n\ntable: {out / 'comparison.md'}\nheatmaps: {png}\neval seconds: {seconds}", flush=True)
     return 0

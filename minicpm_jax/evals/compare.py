@@ -23,17 +23,18 @@ def random_floor(task: dict) -> float:
 
 
 def table(reports: Mapping[str, dict], tasks: tuple[str, ...] = ("niah_en", "niah_en_multikey"),
-          distractors: Optional[Mapping[str, int]] = None) -> str:
+          distractors: Optional[Mapping[str, int]] = None, losses: Optional[Mapping[str, float]] = None) -> str:
     """Markdown: one row per run (`reports`: run name -> report), accuracy per needle task and length, floors.
 
-    distractors: task -> distractor needles (for the random floor; default niah_*_multikey 3, else 0)."""
-    distractors = dict(distractors or {})
+    distractors: task -> distractor needles (for the random floor; default niah_*_multikey 3, else 0).
+    losses: run name -> held-out loss, for reports without a heldout section (e.g. the run's own final eval)."""
+    distractors, losses = dict(distractors or {}), dict(losses or {})
     lengths = sorted({int(n) for r in reports.values() for t in tasks if t in r["tasks"]
                       for n in r["tasks"][t]["by_length"]})
     cols = ["run", "held-out loss"] + [f"{t} @ {n}" for t in tasks for n in lengths] + ["seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in reports.items():
-        loss = heldout_loss(r)
+        loss = heldout_loss(r) if heldout_loss(r) is not None else losses.get(name)
         cells = [name, "—" if loss is None else f"{loss:.4f}"]
         for t in tasks:
             by_len = {int(k): v for k, v in r["tasks"].get(t, {}).get("by_length", {}).items()}

@@ -36,3 +36,10 @@ def test_missing_heldout_and_plot(tmp_path):
     with Image.open(png) as im:
         w, h = im.size
     assert w > h > 100                          # two rows of two heatmaps
+
+
+def test_losses_fill_in_for_a_missing_heldout_section():
+    r = _report(4.0, 1.0, 0.0)
+    del r["heldout"]
+    assert "| a | 3.2500 |" in compare.table({"a": r}, losses={"a": 3.25})
+    assert "| a | 4.0000 |" in compare.table({"a": _report(4.0, 1.0, 0.0)}, losses={"a": 3.25})
