@@ -1,7 +1,7 @@
 """Evaluate every arm of the long-context sweep and write the combined table and heatmaps.
 
     minicpm sweep experiments/sweeps/long_context.yaml
-    python experiments/long_context_eval.py [--sweep-dir runs/sweeps/long_context] [--lengths 2048,4096,8192]
+    python experiments/long_context_eval.py [--sweep-dir runs/sweeps/long_context] [--grid "2048:0,0.5,1:2;8192:0.5:1"]
 
 Each arm (a run directory under --sweep-dir) is scored by `minicpm eval` with its own attention (the run's
 model.attention: dense, or InfLLM v2 with the run's variant) on the held-out needle tasks; the reports land in
@@ -27,33 +27,39 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep-dir", default="runs/sweeps/long_context")
     p.add_argument("--tasks", default="niah_en,niah_en_multikey")
-    p.add_argument("--lengths", default="2048,4096,8192")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    p.add_argument("--samples", type=int, default=4, help="needle items per length x depth")
+    p.add_argument("--grid", default="2048:0,0.5,1:2;4096:0.5:1;8192:0.5:1",
+                   help="needle items: 'LENGTHS:DEPTHS:SAMPLES' groups joined by ';' (one `minicpm eval` each; "
+                        "fewer items at the long lengths, whose dense prefill is minutes per batch on CPU)")
     p.add_argument("--heldout-batches", type=int, default=0,
                    help="also score held-out loss per eval source with N batches (0: the run's final eval loss)")
     p.add_argument("--batch-size", type=int, default=4, help="decode rows per batch (8K dense prefill is big)")
-    p.add_argument("--skip-existing", action="store_true", help="reuse an arm's report.json when present")
+    p.add_argument("--skip-existing", action="store_true", help="reuse an arm's report-<group>.json when present")
+    p.add_argument("--arms", default=None, help="comma-separated arm directory names (default: every run)")
     args = p.parse_args(argv)
-    arms = sorted(d for d in Path(args.sweep_dir).iterdir() if (d / "config.yaml").is_file())
+    arms = sorted(d for d in Path(args.sweep_dir).iterdir() if (d / "config.yaml").is_file()
+                  and (args.arms is None or d.name in args.arms.split(",")))
     if not arms:
         raise SystemExit(f"no runs under {args.sweep_dir}: run `minicpm sweep experiments/sweeps/long_context.yaml`")
     tasks = tuple(t for t in args.tasks.split(",") if t)
     reports, seconds, losses = {}, {}, {}
     for arm in arms:
-        report = arm / "eval" / "report.json"
-        if not (args.skip_existing and report.is_file()):
-            t0 = time.time()
-            heldout = ("heldout",) if args.heldout_batches > 0 else ()
-            cmd = [sys.executable, "-m", "minicpm_jax.cli", "eval", "--checkpoint", str(arm),
-                   "--tasks", ",".join(heldout + tasks), "--lengths", args.lengths, "--depths", args.depths,
-                   "--samples", str(args.samples), "--batches", str(max(args.heldout_batches, 1)),
-                   "--batch-size", str(args.batch_size), "--report", str(report)]
-            print(f"[long_context_eval] {arm.name}: {' '.join(cmd[2:])}", flush=True)
-            subprocess.run(cmd, check=True)
-            seconds[arm.name] = round(time.time() - t0, 1)
+        parts = []
+        for g, group in enumerate(args.grid.split(";")):
+            lengths, depths, samples = group.split(":")
+            report = arm / "eval" / f"report-{g}.json"
+            if not (args.skip_existing and report.is_file()):
+                t0 = time.time()
+                heldout = ("heldout",) if args.heldout_batches > 0 and g == 0 else ()
+                cmd = [sys.executable, "-m", "minicpm_jax.cli", "eval", "--checkpoint", str(arm),
+                       "--tasks", ",".join(heldout + tasks), "--lengths", lengths, "--depths", depths,
+                       "--samples", samples, "--batches", str(max(args.heldout_batches, 1)),
+                       "--batch-size", str(args.batch_size), "--report", str(report)]
+                print(f"[long_context_eval] {arm.name}: {' '.join(cmd[2:])}", flush=True)
+                subprocess.run(cmd, check=True)
+                seconds[f"{arm.name} {lengths}"] = round(time.time() - t0, 1)
+            parts.append(json.loads(report.read_text()))
         name = arm.name.split("_", 1)[1] if "_" in arm.name else arm.name      # "000_dense" -> "dense"
-        reports[name] = json.loads(report.read_text())
+        reports[name] = compare.merge(parts)
         losses[name] = final_metrics(arm)["eval_loss"]
     out = Path(args.sweep_dir)
     md = compare.table(reports, tasks, losses=losses)

@@ -12,6 +12,28 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 
+def merge(reports: list[dict]) -> dict:
+    """One report from several of the same run that scored the same needle tasks at disjoint lengths (e.g. more
+    items at 2K than at 8K): grids and per-length accuracies side by side; accuracy, the first-number floor and
+    seconds pooled over all items."""
+    out = {k: v for k, v in reports[0].items() if k != "tasks"}
+    out["tasks"] = {}
+    for name in reports[0]["tasks"]:
+        parts = [r["tasks"][name] for r in reports]
+        lengths = [n for p in parts for n in p["grid"]]
+        if len(set(lengths)) < len(lengths):
+            raise ValueError(f"merge: task {name} has a length in two reports ({lengths})")
+        n = sum(p["n"] for p in parts)
+        pooled = lambda key: sum(p[key] * p["n"] for p in parts) / n    # noqa: E731 item-weighted mean
+        out["tasks"][name] = {**parts[0], "n": n, "value": pooled("value"),
+                              "floor_first_number": pooled("floor_first_number"),
+                              "grid": {k: v for p in parts for k, v in p["grid"].items()},
+                              "by_length": {k: v for p in parts for k, v in p["by_length"].items()},
+                              "seconds": sum(p.get("seconds", 0) for p in parts)}
+        out["tasks"][name].pop("by_depth", None)       # depths differ between the parts
+    return out
+
+
 def heldout_loss(report: dict) -> Optional[float]:
     """Held-out loss over all eval sources, token-weighted (`evaluate_run`'s "all" row; None without one)."""
     return report.get("heldout", {}).get("all", {}).get("loss")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 from minicpm_jax.evals import compare
@@ -43,3 +44,22 @@ def test_losses_fill_in_for_a_missing_heldout_section():
     del r["heldout"]
     assert "| a | 3.2500 |" in compare.table({"a": r}, losses={"a": 3.25})
     assert "| a | 4.0000 |" in compare.table({"a": _report(4.0, 1.0, 0.0)}, losses={"a": 3.25})
+
+
+def test_merge_pools_items_over_length_groups():
+    a = _report(4.0, 1.0, 0.5)                                     # lengths 2048 and 4096, 4 items each
+    for t in a["tasks"].values():
+        t["n"] = 4
+    b = {"tasks": {"niah_en": {"kind": "needle", "value": 0.0, "n": 2, "by_length": {8192: 0.0},
+                               "grid": {8192: {0.5: 0.0}}, "floor_first_number": 1.0, "seconds": 20.0},
+                   "niah_en_multikey": {"kind": "needle", "value": 1.0, "n": 2, "by_length": {8192: 1.0},
+                                        "grid": {8192: {0.5: 1.0}}, "floor_first_number": 0.0, "seconds": 1.0}}}
+    m = compare.merge([a, b])
+    assert m["heldout"] == a["heldout"]
+    t = m["tasks"]["niah_en"]
+    assert t["by_length"] == {2048: 1.0, 4096: 0.5, 8192: 0.0} and list(t["grid"]) == [2048, 4096, 8192]
+    assert t["n"] == 6 and abs(t["value"] - 0.75 * 4 / 6) < 1e-12 and t["seconds"] == 30.0
+    k = m["tasks"]["niah_en_multikey"]
+    assert abs(k["value"] - 2 / 6) < 1e-12 and abs(k["floor_first_number"] - 1.0 / 6) < 1e-12
+    with pytest.raises(ValueError, match="two reports"):
+        compare.merge([a, a])
