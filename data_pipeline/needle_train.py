@@ -62,7 +62,8 @@ _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
 @dataclasses.dataclass(frozen=True)
 class NeedleTrainSpec:
     """items: how many; min_tokens..max_tokens: each item's total length (prompt + answers + EOS), drawn uniformly;
-    max_needles: needles (= questions) per item, drawn uniformly from 1..max_needles; seed: the item namespace."""
+    max_needles: needles (= questions) per item, drawn uniformly from 1..max_needles (fewer when they would leave
+    under 32 tokens of the length for the haystack); seed: the item namespace."""
 
     items: int = 1000
     min_tokens: int = 1024
@@ -112,14 +113,16 @@ def build_item(tok: Tokenizer, sents: Sequence[str], spec: NeedleTrainSpec, inde
     length = rng.randint(spec.min_tokens, spec.max_tokens)
     depth = rng.random()
     pairs = _pairs(rng, rng.randint(1, spec.max_needles))
+    # tokens each needle costs: its sentence, its question and its answer
+    cost = [len(tok.encode(NEEDLE.format(key=k, value=v))) + 1 + len(tok.encode(QUESTION.format(key=k)))
+            + len(tok.encode(ANSWER.format(value=v))) for k, v in pairs]
+    base = 2 + len(tok.encode(INTRO))                           # BOS, instruction, EOS
+    while len(pairs) > 1 and base + sum(cost) > length - 32:    # a short length takes fewer needles
+        pairs, cost = pairs[:-1], cost[:-1]
     order = list(range(len(pairs)))
     rng.shuffle(order)                                          # questions in a random order
     start = rng.randrange(len(sents))
-    tail_ids = [tok.encode(QUESTION.format(key=pairs[i][0])) + tok.encode(ANSWER.format(value=pairs[i][1]))
-                for i in order]
-    fixed = 1 + len(tok.encode(INTRO)) + sum(map(len, tail_ids)) + 1 + sum(
-        len(tok.encode(NEEDLE.format(key=k, value=v))) + 1 for k, v in pairs)
-    budget = length - fixed
+    budget = length - base - sum(cost)
 
     def est(j: int) -> int:
         s = sents[j % len(sents)]

@@ -121,3 +121,9 @@ def test_records_round_trip_into_the_loss_mask(tmp_path, tokenizer, sents):
         row = TokenizeDocument(None).map(rec)
         np.testing.assert_array_equal(row["tokens"], it["tokens"])
         np.testing.assert_array_equal(row["loss_mask"], it["mask"].astype(np.int32))
+
+
+def test_short_lengths_take_fewer_needles(tokenizer, sents):
+    spec = N.NeedleTrainSpec(items=6, min_tokens=300, max_tokens=400, max_needles=8, seed=6)
+    items = N.build_items(tokenizer, spec, sents)
+    assert all(1 <= len(it["answers"]) < 8 and len(it["tokens"]) <= it["length"] for it in items)
