@@ -8,6 +8,7 @@ among the prompt's needle numbers, 1 / (1 + distractors)). `plot` draws one leng
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -93,14 +94,15 @@ def plot(reports: Mapping[str, dict], path: str | Path, tasks: tuple[str, ...] =
                 ax.axis("off")
                 continue
             lengths = list(r["grid"])
-            depths = list(next(iter(r["grid"].values())))
-            data = [[r["grid"][n][d] for d in depths] for n in lengths]
+            # lengths may have been scored at different depths (merged groups): a cell not scored stays blank
+            depths = sorted({d for row in r["grid"].values() for d in row}, key=float)
+            data = [[r["grid"][n].get(d, math.nan) for d in depths] for n in lengths]
             ax.imshow(data, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(depths)), [f"{float(d):g}" for d in depths], fontsize=7)
             ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             for a, row in enumerate(data):
                 for b, v in enumerate(row):
-                    ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=7)
+                    ax.text(b, a, "" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
             ax.set_title(f"{name}: {t} {r['value']:.2f}", fontsize=8)
             if i == len(names) - 1:
                 ax.set_xlabel("needle depth", fontsize=7)

@@ -33,7 +33,9 @@ def test_missing_heldout_and_plot(tmp_path):
     del r["heldout"]
     assert compare.heldout_loss(r) is None
     assert "| a | — |" in compare.table({"a": r})
-    png = compare.plot({"a": r, "b": _report(4.0, 0.0, 1.0)}, tmp_path / "x.png")
+    merged = _report(4.0, 0.0, 1.0)
+    merged["tasks"]["niah_en"]["grid"][8192] = {0.5: 0.0}      # a length scored at other depths (merged groups)
+    png = compare.plot({"a": r, "b": merged}, tmp_path / "x.png")
     with Image.open(png) as im:
         w, h = im.size
     assert w > h > 100                          # two rows of two heatmaps
