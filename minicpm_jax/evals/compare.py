@@ -65,7 +65,7 @@ def table(reports: Mapping[str, dict], tasks: tuple[str, ...] = ("niah_en", "nia
         cells.append(f"{sum(x.get('seconds', 0) for x in r['tasks'].values()):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     first = next(iter(reports.values()))
-    floor = ["floor: first number / random", ""]
+    floor = ["floor: first number (pooled over lengths) / random", ""]
     for t in tasks:
         task = first["tasks"].get(t, {})
         d = distractors.get(t, 3 if t.endswith("multikey") else 0)
