@@ -4,9 +4,10 @@
     python experiments/long_context_eval.py [--sweep-dir runs/sweeps/long_context] [--grid "2048:0,0.5,1:2;8192:0.5:1"]
 
 Each arm (a run directory under --sweep-dir) is scored by `minicpm eval` with its own attention (the run's
-model.attention: dense, or InfLLM v2 with the run's variant) on the held-out needle tasks; the reports land in
-<arm>/eval/report.json, the comparison in <sweep-dir>/comparison.md and comparison.png. The held-out loss is the
-run's own final eval (its eval sources at 2048 tokens, the same batches for every arm, with the arm's attention);
+model.attention: dense, or InfLLM v2 with the run's variant) on the held-out needle tasks, one `minicpm eval` per
+--grid group; the reports land in <arm>/eval/group-<g>/report.json (with the items and predictions), the
+comparison in <sweep-dir>/comparison.md, comparison.json and comparison.png. The held-out loss is the run's own
+final eval (its eval sources at 2048 tokens, the same batches for every arm, with the arm's attention);
 `--heldout-batches N` scores every eval source with `minicpm eval` instead (slow on CPU: 12 sources x N batches).
 """
 
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-batches", type=int, default=0,
                    help="also score held-out loss per eval source with N batches (0: the run's final eval loss)")
     p.add_argument("--batch-size", type=int, default=4, help="decode rows per batch (8K dense prefill is big)")
-    p.add_argument("--skip-existing", action="store_true", help="reuse an arm's report-<group>.json when present")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="reuse an arm's eval/group-<g>/report.json when present")
     p.add_argument("--arms", default=None, help="comma-separated arm directory names (default: every run)")
     args = p.parse_args(argv)
     arms = sorted(d for d in Path(args.sweep_dir).iterdir() if (d / "config.yaml").is_file()
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
         parts = []
         for g, group in enumerate(args.grid.split(";")):
             lengths, depths, samples = group.split(":")
-            report = arm / "eval" / f"report-{g}.json"
+            report = arm / "eval" / f"group-{g}" / "report.json"   # items/ and predictions beside it
             if not (args.skip_existing and report.is_file()):
                 t0 = time.time()
                 heldout = ("heldout",) if args.heldout_batches > 0 and g == 0 else ()
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
     out = Path(args.sweep_dir)
     md = compare.table(reports, tasks, losses=losses)
     (out / "comparison.md").write_text(md + "\n")
-    (out / "comparison.json").write_text(json.dumps({"eval_seconds": seconds, "final_eval_loss": losses, "reports": reports}, indent=1) + "\n")
+    (out / "comparison.json").write_text(json.dumps(
+        {"eval_seconds": seconds, "final_eval_loss": losses, "reports": reports}, indent=1) + "\n")
     png = compare.plot(reports, out / "comparison.png", tasks, title="needle accuracy (held-out text), per arm")
     print(f"\n{md}\n\ntable: {out / 'comparison.md'}\nheatmaps: {png}\neval seconds: {seconds}", flush=True)
     return 0

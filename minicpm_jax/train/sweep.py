@@ -62,7 +62,7 @@ def _fmt(v: Any) -> str:
 
 
 def expand(spec: dict) -> list[dict]:
-    """[{name, overrides: [...], values: {key: value}}] for every grid point (or named point: values {"point": name})."""
+    """[{name, overrides: [...], values: {key: value}}] for every grid point (named points: values {"point": name})."""
     if "points" in spec:
         points = []
         for i, (pname, own) in enumerate(spec["points"].items()):

@@ -25,7 +25,8 @@ def test_table_rows_and_floors():
                         "niah_en_multikey @ 4096 | seconds |")
     assert lines[2] == "| dense | 4.5000 | 0.75 | 0.25 | 0.00 | 0.00 | 15 |"
     assert lines[3] == "| sparse | 4.2500 | 0.50 | 0.00 | 0.00 | 0.00 | 15 |"
-    assert lines[4].startswith("| floor: first number (pooled over lengths) / random |  | 1.00 / 1.00 | 1.00 / 1.00 | 0.25 / 0.25 |")
+    assert lines[4].startswith("| floor: first number (pooled over lengths) / random |  "
+                               "| 1.00 / 1.00 | 1.00 / 1.00 | 0.25 / 0.25 |")
 
 
 def test_missing_heldout_and_plot(tmp_path):
