@@ -17,6 +17,7 @@ from data_pipeline.classifier import format_rounds, train_classifier
 from data_pipeline.config import DataConfig
 from data_pipeline.corpus import build_corpus
 from data_pipeline.prepare import format_summary, prepare_data, tokenizer_texts
+from data_pipeline.needle_train import NeedleTrainSpec, write_records
 from data_pipeline.report import DropReport
 from data_pipeline.scoring import score_files
 from data_pipeline.sft import build_sft
@@ -148,6 +149,15 @@ def cmd_process(args) -> int:
     return 0
 
 
+def cmd_needles(args) -> int:
+    spec = NeedleTrainSpec(items=args.items, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                           max_needles=args.max_needles, seed=args.seed)
+    s = write_records(args.out, Tokenizer.load(args.tokenizer), spec)
+    print(f"needle training records: {s['items']} items, {s['questions']} questions, {s['tokens']:,} tokens "
+          f"({s['answer_tokens']:,} answer tokens in the loss) -> {Path(args.out).resolve() / 'tokens/train'}")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     setup_logging()
     p = prepare_data(args.workdir, data_config(args))
@@ -226,6 +236,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--beam-options", help="more pipeline options for the runner, one string: "
                                           "--beam-options='--project=P --region=R --temp_location=gs://B/tmp'")
     p.set_defaults(func=cmd_process, overrides=[])
+
+    p = sub.add_parser("needles", help="needle-retrieval training records over the corpus's training text "
+                                       "(loss on the answers)")
+    p.add_argument("--tokenizer", required=True, help="the model's tokenizer dir")
+    p.add_argument("--out", required=True, help="output dir (tokens/train/needle_train_en-*.array_record)")
+    p.add_argument("--items", type=int, default=NeedleTrainSpec.items)
+    p.add_argument("--min-tokens", type=int, default=NeedleTrainSpec.min_tokens)
+    p.add_argument("--max-tokens", type=int, default=NeedleTrainSpec.max_tokens, help="at most the training seq_len")
+    p.add_argument("--max-needles", type=int, default=NeedleTrainSpec.max_needles, help="needles = questions per item")
+    p.add_argument("--seed", type=int, default=NeedleTrainSpec.seed, help="item namespace (the eval uses its own)")
+    p.set_defaults(func=cmd_needles)
 
     p = sub.add_parser("prepare", help="everything the main job needs, cached (what `minicpm train` runs)")
     p.add_argument("--workdir", required=True)

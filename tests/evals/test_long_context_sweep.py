@@ -1,0 +1,70 @@
+"""The shipped long-context sweep: it parses, its three arms (dense, InfLLM v2 minicpm4, minicpm4.1) differ only in
+attention, and they train on the needle records and the corpus at 2048 tokens, one document per row."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from minicpm_jax.train.config import load_config
+from minicpm_jax.train.sweep import expand, load_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEP = REPO / "experiments" / "sweeps" / "long_context.yaml"
+
+
+def _flat(x, prefix=""):
+    """A dataclass tree as {"a.b.c": leaf}."""
+    if dataclasses.is_dataclass(x):
+        out = {}
+        for f in dataclasses.fields(x):
+            out.update(_flat(getattr(x, f.name), f"{prefix}{f.name}."))
+        return out
+    return {prefix[:-1]: x}
+
+
+@pytest.fixture(scope="module")
+def arms():
+    spec = load_sweep(SWEEP)
+    return {p["values"]["point"]: load_config(spec["base"], p["overrides"]) for p in expand(spec)}
+
+
+def test_three_arms_differ_only_in_attention(arms):
+    assert list(arms) == ["dense", "sparse_minicpm4", "sparse_minicpm4.1"]
+    flat = {k: _flat(v) for k, v in arms.items()}
+    keys = set(flat["dense"])
+    differ = {k for k in keys if len({repr(f[k]) for f in flat.values()}) > 1}
+    assert differ == {"name", "output_dir", "model.attention", "model.sparse_config"}, differ
+    assert [a.model.attention for a in arms.values()] == ["dense", "sparse", "sparse"]
+    assert [a.model.sparse_config for a in arms.values()] == [None, {"variant": "minicpm4"}, {"variant": "minicpm4.1"}]
+    # the built model configs: the same but for the InfLLM v2 variant (and lse_approx, whose default follows it)
+    sc = {k: dataclasses.asdict(a.model_config().sparse_config) for k, a in arms.items()}
+    assert sc["sparse_minicpm4"]["variant"] == "minicpm4" and sc["sparse_minicpm4.1"]["variant"] == "minicpm4.1"
+    same = lambda d: {k: v for k, v in d.items() if k not in ("variant", "lse_approx")}   # noqa: E731
+    assert same(sc["sparse_minicpm4"]) == same(sc["sparse_minicpm4.1"]) == same(sc["dense"])
+    cfgs = [dataclasses.replace(a.model_config(), sparse_config=None) for a in arms.values()]
+    assert cfgs[0] == cfgs[1] == cfgs[2]
+
+
+def test_same_data_and_a_long_enough_window(arms):
+    a = arms["dense"]
+    assert a.data.seq_len == 2048 and not a.data.pack               # InfLLM v2 takes one document per row
+    assert a.model.max_position_embeddings >= 8192                  # the eval probes 8K
+    assert a.model_config().rope_scaling is None                    # plain RoPE: positions past 2048 extrapolate
+    names = {m.name: m for m in a.data.mixture}
+    assert set(names) == {"corpus", "needles"}
+    assert any("needle-train" in s for s in names["needles"].sources) and names["needles"].min_score == 0.0
+    assert a.train.init_from == "runs/tiny"
+
+
+def test_points_need_overrides(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: tiny\npoints:\n  a: [model.attention]\n")
+    with pytest.raises(ValueError, match="points"):
+        load_sweep(bad)
+    both = tmp_path / "both.yaml"
+    both.write_text("base: tiny\ngrid: {train.steps: [1]}\npoints:\n  a: [train.steps=1]\n")
+    with pytest.raises(ValueError, match="either"):
+        load_sweep(both)
