@@ -36,14 +36,12 @@ from typing import Any, Optional
 
 import gguf
 import numpy as np
-from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from data_pipeline.tokenizer import BOS
 from minicpm_jax.evals.generation import cut_at_stop
 from minicpm_jax.evals.llama_tokenizer import LlamaCppTokenizer
-from minicpm_jax.evals.lm_common import generation_groups, loglikelihood_rolling, positive_int
+from minicpm_jax.evals.lm_common import TokenizerLM, generation_groups, positive_int
 from minicpm_jax.evals.scoring import truncate_request
 from minicpm_jax.export.llamacpp import check_gguf, open_model
 
@@ -68,7 +66,7 @@ def _common_prefix(a, b) -> int:
 
 
 @register_model("minicpm_gguf")
-class GGUFLM(TemplateLM):
+class GGUFLM(TokenizerLM):
     """An lm-eval LM over a GGUF file run by llama.cpp (llama-cpp-python)."""
 
     backend = "causal"
@@ -109,42 +107,9 @@ class GGUFLM(TemplateLM):
         """The GGUF file (lm-eval task builders read it as `pretrained`)."""
         return str(self.path)
 
-    # ------------------------------------------------------------------ tokenization
-    @property
-    def eot_token_id(self) -> int:
-        return self.tokenizer.eos_id
-
-    @property
-    def prefix_token_id(self) -> int:
-        return self.tokenizer.bos_id
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len=None,
-                   **kwargs) -> list[int]:
-        """As `MiniCPMLM.tok_encode`: BOS first when add_bos_token says so; a string that starts with the BOS text (a
-        rendered chat template) is parsed with its special tokens and gets no second BOS."""
-        if add_special_tokens is None and string.startswith(BOS):
-            ids = self.tokenizer.encode(string, parse_special=True)
-        else:
-            add = self.add_bos_token if add_special_tokens is None else add_special_tokens
-            ids = self.tokenizer.encode(string, add_bos=bool(add))
-        return ids[-left_truncate_len:] if left_truncate_len else ids
-
-    def tok_decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
     @property
     def tokenizer_name(self) -> str:
         return str(self.path)
-
-    def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
-        return self.tokenizer.chat_template if chat_template else None
-
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
 
     # ------------------------------------------------------------------ llama.cpp state
     def _logits(self, ids: list[int]) -> np.ndarray:
@@ -173,14 +138,7 @@ class GGUFLM(TemplateLM):
             out[i] = (float(lp.sum()), bool((logits.argmax(-1) == np.asarray(cont)).all()))
             bar.update(1)
         bar.close()
-        for (key, _, _), r in zip(requests, out):
-            if key is not None:
-                self.cache_hook.add_partial("loglikelihood", key, r)
-        return out
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each string scored whole in rolling windows (`lm_common.loglikelihood_rolling`)."""
-        return loglikelihood_rolling(self, requests, disable_tqdm)
+        return self._cache_loglikelihoods(requests, out)
 
     # ------------------------------------------------------------------ generation
     def _generate_one(self, prompt: list[int], until: list[str], max_gen: int, temperature: float, top_k: int,

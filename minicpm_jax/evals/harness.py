@@ -39,14 +39,13 @@ import logging
 from typing import Any, Optional
 
 import jax
-from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from data_pipeline.tokenizer import BOS, Tokenizer
+from data_pipeline.tokenizer import Tokenizer
 from minicpm_jax.attention_plan import ATTENTION_MODES
 from minicpm_jax.evals.generation import generate_until
-from minicpm_jax.evals.lm_common import generation_groups, loglikelihood_rolling, positive_int
+from minicpm_jax.evals.lm_common import TokenizerLM, generation_groups, positive_int
 from minicpm_jax.evals.scoring import score_continuations
 from minicpm_jax.model import param_logical_axes
 from minicpm_jax.sharding import axis_rules, logical_shardings, mesh_from_sizes
@@ -73,7 +72,7 @@ def mesh_from_args(mesh, unknown: dict[str, Any]) -> Optional[jax.sharding.Mesh]
 
 
 @register_model("minicpm_jax")
-class MiniCPMLM(TemplateLM):
+class MiniCPMLM(TokenizerLM):
     """An lm-eval LM over MiniCPM weights: a run directory (or one of its steps) or an HF directory."""
 
     backend = "causal"
@@ -145,45 +144,9 @@ class MiniCPMLM(TemplateLM):
         """Where the weights came from (lm-eval task builders read it as `pretrained`)."""
         return str(self.weights.source)
 
-    # ------------------------------------------------------------------ tokenization
-    @property
-    def eot_token_id(self) -> int:
-        return self.tokenizer.eos_id
-
-    @property
-    def prefix_token_id(self) -> int:
-        return self.tokenizer.bos_id   # an empty context is conditioned on BOS, as the model sees documents
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len=None,
-                   **kwargs) -> list[int]:
-        """Ids of `string`; BOS first when add_bos_token (or add_special_tokens) says so. A string that already starts
-        with the BOS text (a rendered chat template) is parsed with its special tokens and gets no second BOS."""
-        if add_special_tokens is None and string.startswith(BOS):
-            ids = self.tokenizer.encode(string, parse_special=True)
-        else:
-            add = self.add_bos_token if add_special_tokens is None else add_special_tokens
-            ids = self.tokenizer.encode(string, add_bos=bool(add))
-        return ids[-left_truncate_len:] if left_truncate_len else ids
-
-    def tok_decode(self, ids: list[int]) -> str:
-        """Text of `ids`; ids past the tokenizer's pieces (padding rows of a larger embedding) decode to nothing."""
-        n = self.tokenizer.vocab_size
-        return self.tokenizer.decode([i for i in ids if i < n])
-
-    # ------------------------------------------------------------------ chat
     @property
     def tokenizer_name(self) -> str:
         return str(self.tokenizer.path or self.weights.source)
-
-    def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
-        return self.tokenizer.chat_template if chat_template else None
-
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
 
     # ------------------------------------------------------------------ scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -194,14 +157,7 @@ class MiniCPMLM(TemplateLM):
                                       attention=self.attention, batch_size=self.batch_size,
                                       max_length=self.max_length, pad_id=self.tokenizer.pad_id, progress=bar.update)
         bar.close()
-        for (key, _, _), r in zip(requests, res):
-            if key is not None:
-                self.cache_hook.add_partial("loglikelihood", key, r)
-        return res
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each string scored whole in rolling windows (`lm_common.loglikelihood_rolling`)."""
-        return loglikelihood_rolling(self, requests, disable_tqdm)
+        return self._cache_loglikelihoods(requests, res)
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

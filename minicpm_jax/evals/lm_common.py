@@ -1,6 +1,6 @@
 """What the two lm-eval backends (`minicpm_jax` on JAX, `minicpm_gguf` on llama.cpp) share, so both read a request
-the same way: rolling windows for `loglikelihood_rolling`, the grouping and settings of `generate_until`, and the
-check of integer model arguments.
+the same way: the tokenizer side of the lm-eval API (`TokenizerLM`), rolling windows for `loglikelihood_rolling`,
+the grouping and settings of `generate_until`, and the check of integer model arguments.
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ import json
 from typing import Iterator, Optional, Sequence
 
 from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import normalize_gen_kwargs
+
+from data_pipeline.tokenizer import BOS
 
 
 def positive_int(backend: str, name: str, value, allow_none: bool = False) -> Optional[int]:
@@ -24,6 +27,57 @@ def positive_int(backend: str, name: str, value, allow_none: bool = False) -> Op
     if v is None or v < 1 or (isinstance(value, float) and value != v):
         raise ValueError(f"{backend} model argument {name} must be an integer >= 1, got {value!r}")
     return v
+
+
+class TokenizerLM(TemplateLM):
+    """The lm-eval calls both backends answer from their tokenizer alone. A subclass sets `self.tokenizer` (our
+    Tokenizer, or the GGUF's `LlamaCppTokenizer` with the same interface), `self._max_length` and
+    `self.add_bos_token`, and implements `_loglikelihood_tokens` and `generate_until`."""
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id   # an empty context is conditioned on BOS, as the model sees documents
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len=None,
+                   **kwargs) -> list[int]:
+        """Ids of `string`; BOS first when add_bos_token (or add_special_tokens) says so. A string that already starts
+        with the BOS text (a rendered chat template) is parsed with its special tokens and gets no second BOS."""
+        if add_special_tokens is None and string.startswith(BOS):
+            ids = self.tokenizer.encode(string, parse_special=True)
+        else:
+            add = self.add_bos_token if add_special_tokens is None else add_special_tokens
+            ids = self.tokenizer.encode(string, add_bos=bool(add))
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, ids: list[int]) -> str:
+        """Text of `ids`; ids past the tokenizer's pieces (padding rows of a larger embedding) decode to nothing."""
+        n = self.tokenizer.vocab_size
+        return self.tokenizer.decode([i for i in ids if i < n])
+
+    def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
+        return self.tokenizer.chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each string scored whole in rolling windows (`loglikelihood_rolling` below)."""
+        return loglikelihood_rolling(self, requests, disable_tqdm)
+
+    def _cache_loglikelihoods(self, requests, results: list) -> list:
+        """Hand each keyed request's (logprob, greedy) to lm-eval's cache hook; returns `results`."""
+        for (key, _, _), r in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, r)
+        return results
 
 
 def loglikelihood_rolling(lm, requests, disable_tqdm: bool = False) -> list[float]:
