@@ -63,6 +63,13 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
+def write_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG at `path` (parents created), atomically; the caller closes the figure."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)
+
+
 # ---------------------------------------------------------------- codec
 def encode_text_record(doc: dict) -> bytes:
     return json.dumps(doc, ensure_ascii=False).encode("utf-8")

@@ -97,8 +97,7 @@ def histogram_png(scores: dict[str, np.ndarray], labels: dict[str, Optional[str]
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    with records.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    records.write_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from data_pipeline.config import DataConfig
+from data_pipeline.records import write_figure
 from data_pipeline.pipeline import make_train_iterator
 from data_pipeline.prepare import load_prepared
 from minicpm_jax.config import ModelConfig
@@ -212,11 +213,9 @@ def plot(rows: list[dict], out: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    write_figure(fig, out, dpi=90)
     plt.close(fig)
-    return out
+    return Path(out)
 
 
 def run(widths: Sequence[int] = (128, 256, 512, 1024, 2048), *, layers: int = 2, batch: int = 2, seq: int = 64,

@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from data_pipeline.records import write_figure
 from minicpm_jax.train.config import load_config
 from minicpm_jax.train.metrics import read_metrics
 from minicpm_jax.train.sweep import final_metrics
@@ -162,11 +163,9 @@ def plot(points: list[dict], out: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    write_figure(fig, out, dpi=90)
     plt.close(fig)
-    return out
+    return Path(out)
 
 
 def run(sweep_dir: str | Path = "runs/sweeps/mup_transfer", out: Optional[str | Path] = None) -> str:

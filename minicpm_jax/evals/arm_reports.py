@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Mapping, Optional
 
+from data_pipeline.records import write_figure
+
 
 def merge(reports: list[dict]) -> dict:
     """One report from several of the same run that scored the same needle tasks at disjoint lengths (e.g. more
@@ -111,8 +113,6 @@ def plot(reports: Mapping[str, dict], path: str | Path, tasks: tuple[str, ...] =
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    write_figure(fig, path, dpi=80)
     plt.close(fig)
-    return path
+    return Path(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_pipeline.records import write_figure
+
 
 def plot_report(report: dict, path: str | Path) -> Path:
     """Write the figure to `path` (PNG); tasks without a numeric value are left out."""
@@ -42,11 +44,9 @@ def plot_report(report: dict, path: str | Path) -> Path:
         ax.set_title("tasks")
     fig.suptitle(report.get("model", {}).get("model_source", ""), fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_comparison(comp: dict, path: str | Path) -> Path:
@@ -88,8 +88,6 @@ def plot_comparison(comp: dict, path: str | Path) -> Path:
     ax.legend(fontsize=7)
     ax.set_title("reference: " + comp["reference"], fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.records import write_figure
 from minicpm_jax.config import ModelConfig
 
 
@@ -121,7 +122,7 @@ def plot_losses(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_figure(fig, out, dpi=120)
     plt.close(fig)
     return out
 

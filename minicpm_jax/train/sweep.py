@@ -41,6 +41,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from data_pipeline.records import write_figure
 from minicpm_jax.train.metrics import read_metrics
 
 
@@ -175,7 +176,7 @@ def plot_sweep(spec: dict, points: list[dict], out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_figure(fig, out, dpi=120)
     plt.close(fig)
     return out
 
