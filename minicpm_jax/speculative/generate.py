@@ -97,12 +97,11 @@ def _speculative(params, draft_params, fr_ids, embedding, tokens, lengths, rng, 
         # 2. verify [cur, d_1..d_k] in one target pass
         seq = jnp.concatenate([s["cur"][:, None], drafted], axis=1)
         logits, hid, tc = decode_step_with_hidden(params, cfg, seq, tc, attention)
-        # 3. accept
-        n_g, next_g = accept_greedy(logits, drafted)
-        p = filtered_logits(logits, temperature, top_k, top_p)
-        n_s, next_s = accept_sampled(p, jnp.stack(q_all, axis=1), drafted, r_acc)
-        n = jnp.where(greedy, n_g, n_s)
-        nxt_tok = jnp.where(greedy, next_g, next_s)
+        # 3. accept (one rule runs: the sampling rule sorts the vocabulary at every position)
+        n, nxt_tok = jax.lax.cond(
+            greedy, lambda: accept_greedy(logits, drafted),
+            lambda: accept_sampled(filtered_logits(logits, temperature, top_k, top_p), jnp.stack(q_all, axis=1),
+                                   drafted, r_acc))
         # emitted this step: d_1..d_n, next; cut at the first EOS and at max_new_tokens
         new = jnp.where(jnp.arange(k + 1)[None] < n[:, None],
                         jnp.concatenate([drafted, drafted[:, :1]], axis=1), nxt_tok[:, None])

@@ -45,13 +45,17 @@ def target_fr_logits(params, cfg: ModelConfig, hidden: jnp.ndarray, fr_ids: jnp.
 
 
 def draft_loss_sum(draft_params, target_params, cfg: ModelConfig, draft_cfg: ModelConfig, fr_ids: jnp.ndarray,
-                   batch, *, feature_weight: float = 1.0, token_weight: float = 0.1):
+                   batch, *, feature_weight: float = 1.0, token_weight: float = 0.1, target_attention: str = "dense"):
     """(summed loss, pair count, aux sums) for one packed batch (int32 [B, T] input_ids, segment_ids, positions).
+
+    target_attention: the target's attention for its features ("dense" reads packed rows; "sparse"/"auto" need one
+    document per row, as in training the target itself).
 
     aux: {"feature_loss", "token_loss", "fr_top1"} summed over the counted pairs; fr_top1 counts pairs where the
     draft's top FR id equals the target's top id among the FR ids (a proxy for first-token acceptance)."""
     ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
-    feats = jax.lax.stop_gradient(forward(target_params, cfg, ids, pos, seg, attention="dense", return_hidden=True))
+    feats = jax.lax.stop_gradient(forward(target_params, cfg, ids, pos, seg, attention=target_attention,
+                                          return_hidden=True))
     h, fr_logits, _ = EagleDraft(draft_cfg, int(fr_ids.shape[0])).apply(
         {"params": draft_params}, feats[:, :-1], ids[:, 1:], target_params["embed_tokens"], pos[:, :-1],
         segment_ids=seg[:, :-1])
@@ -67,13 +71,13 @@ def draft_loss_sum(draft_params, target_params, cfg: ModelConfig, draft_cfg: Mod
 
 
 def make_draft_train_step(cfg: ModelConfig, draft_cfg: ModelConfig, fr_ids: jnp.ndarray, tx, *,
-                          feature_weight: float = 1.0, token_weight: float = 0.1):
+                          feature_weight: float = 1.0, token_weight: float = 0.1, target_attention: str = "dense"):
     """train_step(state, target_params, batch) -> (state, metrics) for the draft's TrainState (params = the draft's
     only; the target is an input, never updated). Metrics are per pair: loss, feature_loss, token_loss, fr_top1,
     grad_norm, pairs."""
     def loss_fn(dp, tp, batch):
         total, n, aux = draft_loss_sum(dp, tp, cfg, draft_cfg, fr_ids, batch, feature_weight=feature_weight,
-                                       token_weight=token_weight)
+                                       token_weight=token_weight, target_attention=target_attention)
         return total / jnp.maximum(n, 1.0), (n, aux)
 
     def train_step(state, target_params, batch):
