@@ -12,18 +12,21 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from minicpm_jax.cli.common import load_experiment, set_fake_devices
 from minicpm_jax.export.gguf import to_gguf
 from minicpm_jax.export.hf_export import export_hf
 from minicpm_jax.convert.hf import to_host
+from minicpm_jax.speculative.draft import Draft
+from minicpm_jax.speculative.hf import save_draft_hf
 from minicpm_jax.train.config import ExperimentConfig
 from minicpm_jax.train.dry_run import dry_run
 from minicpm_jax.train.loop import TrainResult, init_distributed, run
 from minicpm_jax.train.metrics import plot_losses, read_metrics
 from minicpm_jax.train.phase import resolve_source_model
 from minicpm_jax.train.run_dir import RunLock
-from minicpm_jax.train.samples import sample_text
+from minicpm_jax.train.samples import check_draft, sample_text
 
 
 def register(sub) -> None:
@@ -79,18 +82,25 @@ def _main_job(exp: ExperimentConfig, main: bool) -> dict:
                "tensorboard": str(result.run_dir / "logs" / "tensorboard")}
     if main:
         outputs["loss_plot"] = str(plot_losses(result.run_dir))
-    samples = []
-    if jax.process_count() == 1:
-        t = exp.train
+    samples, t = [], exp.train
+    if jax.process_count() == 1 and result.draft is None:
         samples = sample_text(result.params, result.cfg, result.tokenizer, t.sample_prompts, t.sample_tokens,
                               chat=t.sample_chat, temperature=t.sample_temperature, top_p=t.sample_top_p,
                               seed=exp.seed)
+    speculative = {}
+    if jax.process_count() == 1 and result.draft is not None:
+        d = result.draft
+        speculative = check_draft(d.target_params, result.cfg, draft_of(result), result.tokenizer, t.sample_prompts,
+                                  exp.draft.check_tokens, exp.draft.check_draft_tokens, attention=exp.model.attention)
+        samples = speculative.pop("text", [])
     outputs.update(export_run(result))
     rows = read_metrics(result.run_dir) if main else []      # the whole run, resumed segments included
     train_losses = [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
     eval_losses = [(r["step"], r["loss"]) for r in rows if r["split"] == "eval"]
     summary = {"steps": result.steps, "train_losses": train_losses, "eval_losses": eval_losses,
                "outputs": outputs, "samples": samples}
+    if speculative:
+        summary["speculative"] = speculative
     if main:
         (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         print_summary(summary)
@@ -101,6 +111,10 @@ def export_run(result: TrainResult) -> dict[str, str]:
     """The run's final weights as an HF directory and GGUF files, as its `export` section asks."""
     exp, cfg, params, tok, run_dir = result.exp, result.cfg, result.params, result.tokenizer, result.run_dir
     out = {}
+    if result.draft is not None:                      # a draft head: its HF directory (CPM.cu layout), nothing else
+        if jax.process_index() == 0:
+            out["draft_hf"] = str(save_draft_hf(run_dir / "export" / "draft", draft_of(result), cfg))
+        return out
     if exp.export.hf:
         out["hf"] = str(export_hf(run_dir / "export" / "hf", cfg, params, tok))
     if exp.export.gguf_qtypes:
@@ -110,6 +124,12 @@ def export_run(result: TrainResult) -> dict[str, str]:
                 out[f"gguf_{q}"] = str(to_gguf(run_dir / "export" / f"{exp.name}-{q}.gguf", cfg, host, tok,
                                                qtype=q).path)
     return out
+
+
+def draft_of(result: TrainResult) -> Draft:
+    """A draft run's trained head, ready to decode with."""
+    host = jax.tree.map(to_host, result.params)
+    return Draft(host, jnp.asarray(result.draft.fr_ids), result.draft.draft_cfg)
 
 
 def print_summary(s: dict) -> None:
@@ -123,4 +143,8 @@ def print_summary(s: dict) -> None:
         lines.append(f"    {k:<12} {v}")
     for t in s["samples"]:
         lines.append(f"    sample: {t!r}")
+    if s.get("speculative"):
+        sp = s["speculative"]
+        lines.append(f"    speculative decoding (k={sp['draft_tokens']}): {sp['tokens_per_pass']:.2f} tokens per target "
+                     f"pass, greedy output {'identical to' if sp['exact'] else 'DIFFERENT from'} plain decoding")
     print("\n".join(lines), flush=True)

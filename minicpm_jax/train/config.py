@@ -170,6 +170,42 @@ class TrainLoopConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DraftConfig:
+    """Train an EAGLE draft head for speculative decoding (spec §5.2) instead of the model: with `target` set, the
+    run loads that model frozen (a training run or HF directory; the model section is completed from its config, as
+    for train.init_from) and trains a one-layer draft head on its features over this run's data
+    (`minicpm_jax/train/draft_step.py`). Checkpoints, metrics, eval and resume are the usual ones; the run ends by
+    exporting the head as an HF directory (`export/draft`) and checking speculative decoding against plain decoding.
+
+    The FR-Spec vocabulary (the ids the head scores) is the `fr_size` most frequent ids (0: `fr_fraction` of the
+    vocabulary) of the first `fr_count_batches` training batches, plus the tokenizer's BOS/EOS/chat ids, the
+    model's EOS ids and `always_ids`."""
+
+    target: Optional[str] = None
+    target_step: Optional[int] = None    # a run's checkpoint step (default: its latest)
+    fr_size: int = 0
+    fr_fraction: float = 0.25
+    fr_count_batches: int = 64
+    always_ids: tuple[int, ...] = ()
+    feature_weight: float = 1.0          # smooth-L1 feature regression (EAGLE: 1.0)
+    token_weight: float = 0.1            # soft cross-entropy over the FR ids (EAGLE: 0.1)
+    head_from_target: bool = True        # the FR head starts as the target's head at the FR ids
+    check_tokens: int = 32               # end of run: tokens per sample prompt decoded with and without the draft
+    check_draft_tokens: int = 4          # ... drafting this many per target pass
+
+    def __post_init__(self):
+        _need(self.fr_size >= 0, "draft.fr_size", f"must be >= 0 (0: use draft.fr_fraction), got {self.fr_size}")
+        _need(0 < self.fr_fraction <= 1, "draft.fr_fraction", f"must be in (0, 1], got {self.fr_fraction}")
+        for f in ("fr_count_batches", "check_tokens", "check_draft_tokens"):
+            _need(getattr(self, f) >= 1, f"draft.{f}", f"must be >= 1, got {getattr(self, f)}")
+        _need(self.feature_weight >= 0 and self.token_weight >= 0 and self.feature_weight + self.token_weight > 0,
+              "draft.feature_weight/token_weight", f"must be >= 0 and not both 0, got {self.feature_weight}, "
+              f"{self.token_weight}")
+        _need(self.target_step is None or self.target is not None, "draft.target_step",
+              "only means something with draft.target")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportConfig:
     hf: bool = True                    # write <output_dir>/export/hf at the end
     gguf_qtypes: tuple[str, ...] = ("f32",)  # GGUF files written at the end (empty = none)
@@ -188,8 +224,15 @@ class ExperimentConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     train: TrainLoopConfig = dataclasses.field(default_factory=TrainLoopConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    draft: DraftConfig = dataclasses.field(default_factory=DraftConfig)
 
     def __post_init__(self):
+        if self.draft.target is not None:
+            _need(self.train.init_from is None, "draft.target",
+                  "a draft run trains a new head on a frozen target; train.init_from (the weights of the model being "
+                  "trained) does not apply")
+            _need(not self.export.gguf_qtypes, "export.gguf_qtypes",
+                  "a draft head is exported as an HF directory (export/draft); set export.gguf_qtypes=[]")
         _need(self.optim.warmup_steps + self.optim.decay_steps <= self.train.steps, "optim",
               f"warmup_steps ({self.optim.warmup_steps}) + decay_steps ({self.optim.decay_steps}) exceed "
               f"train.steps ({self.train.steps})")

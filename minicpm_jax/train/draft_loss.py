@@ -71,10 +71,11 @@ def draft_loss_sum(draft_params, target_params, cfg: ModelConfig, draft_cfg: Mod
 
 
 def make_draft_train_step(cfg: ModelConfig, draft_cfg: ModelConfig, fr_ids: jnp.ndarray, tx, *,
-                          feature_weight: float = 1.0, token_weight: float = 0.1, target_attention: str = "dense"):
+                          feature_weight: float = 1.0, token_weight: float = 0.1, target_attention: str = "dense",
+                          schedule=None):
     """train_step(state, target_params, batch) -> (state, metrics) for the draft's TrainState (params = the draft's
     only; the target is an input, never updated). Metrics are per pair: loss, feature_loss, token_loss, fr_top1,
-    grad_norm, pairs."""
+    grad_norm, pairs, and lr when `schedule` (step -> learning rate) is given."""
     def loss_fn(dp, tp, batch):
         total, n, aux = draft_loss_sum(dp, tp, cfg, draft_cfg, fr_ids, batch, feature_weight=feature_weight,
                                        token_weight=token_weight, target_attention=target_attention)
@@ -86,6 +87,20 @@ def make_draft_train_step(cfg: ModelConfig, draft_cfg: ModelConfig, fr_ids: jnp.
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "pairs": n,
                    **{k: v / jnp.maximum(n, 1.0) for k, v in aux.items()}}
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
+
+
+def make_draft_eval_step(cfg: ModelConfig, draft_cfg: ModelConfig, fr_ids: jnp.ndarray, *, feature_weight: float = 1.0,
+                         token_weight: float = 0.1, target_attention: str = "dense"):
+    """eval_step(draft_params, target_params, batch) -> {"loss_sum", "target_tokens" (pairs), "feature_loss_sum",
+    "token_loss_sum", "fr_top1_sum"}: the held-out draft loss in the form the training loop's eval sums."""
+    def eval_step(dp, tp, batch):
+        total, n, aux = draft_loss_sum(dp, tp, cfg, draft_cfg, fr_ids, batch, feature_weight=feature_weight,
+                                       token_weight=token_weight, target_attention=target_attention)
+        return {"loss_sum": total, "target_tokens": n, **{f"{k}_sum": v for k, v in aux.items()}}
+
+    return eval_step

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
+from data_pipeline import records
 from data_pipeline.pipeline import make_eval_iterator, make_train_iterator
 from data_pipeline.prepare import prepare_data
 from minicpm_jax.attention_plan import check_one_document_per_row
@@ -32,10 +33,11 @@ from minicpm_jax.checkpoint import Checkpointer, run_paths
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.sharding import axis_rules, make_mesh
 from minicpm_jax.train.config import ExperimentConfig
+from minicpm_jax.train.draft_step import DraftStepSetup, build_draft_step, draft_vocabulary
 from minicpm_jax.train.metrics import MetricsWriter, peak_flops, to_python
 from minicpm_jax.train.phase import continue_optimizer, resolve_source_model
-from minicpm_jax.train.run_dir import (RunLock, move_old_run_aside, recorded_model, restore_or_stop,
-                                       shape_differences, truncate_metrics)
+from minicpm_jax.train.run_dir import (RunLock, move_old_run_aside, recorded_model, recorded_trains_draft,
+                                       restore_or_stop, shape_differences, truncate_metrics)
 from minicpm_jax.train.step import BATCH_KEYS, StepSetup, build_step
 from minicpm_jax.weights import load_weights, source_config
 
@@ -74,7 +76,8 @@ def say(msg: str):
 @dataclasses.dataclass
 class TrainResult:
     """What a finished run hands its driver: the final params (sharded), the model config, the tokenizer, where the
-    run lives and its last step (its losses are in `<run>/logs/metrics.jsonl`, resumed segments included)."""
+    run lives and its last step (its losses are in `<run>/logs/metrics.jsonl`, resumed segments included). A draft
+    run's params are its draft head's, and `draft` holds the frozen target and the FR-Spec ids."""
 
     exp: ExperimentConfig
     cfg: ModelConfig
@@ -82,6 +85,7 @@ class TrainResult:
     tokenizer: Any
     run_dir: Path
     steps: int
+    draft: Any = None            # a draft run's DraftStepSetup (params are then the draft head's; the target is in it)
 
 
 def to_global(local: dict, sharding: NamedSharding, global_shape) -> dict:
@@ -96,14 +100,19 @@ def to_global(local: dict, sharding: NamedSharding, global_shape) -> dict:
 def eval_loss(eval_fn, params, it, batches: int, sharding: NamedSharding, global_shape) -> dict:
     """Token-weighted held-out loss of `params` over at most `batches` batches of the eval iterator `it`.
 
-    Returns {"loss", "perplexity", "tokens", "loss_sum"}; eval_fn(params, batch) -> {"loss_sum", "target_tokens"}.
+    Returns {"loss", "perplexity", "tokens", "loss_sum"} and, for every other "<name>_sum" eval_fn returns (a draft
+    run's feature loss, top-1 agreement), "<name>" per target token; eval_fn(params, batch) -> {"loss_sum",
+    "target_tokens", ...}.
     """
-    tot = n = 0.0
+    sums: dict = {}
     for local in itertools.islice(it, batches):
         m = to_python(eval_fn(params, to_global(local, sharding, global_shape)))
-        tot, n = tot + m["loss_sum"], n + m["target_tokens"]
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+    tot, n = sums.pop("loss_sum", 0.0), max(sums.pop("target_tokens", 0.0), 0.0)
     loss = tot / max(n, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n, "loss_sum": tot}
+    extra = {k[:-4]: v / max(n, 1.0) for k, v in sums.items() if k.endswith("_sum")}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n, "loss_sum": tot, **extra}
 
 
 def initial_params(exp: ExperimentConfig, setup: StepSetup):
@@ -204,6 +213,10 @@ def check_run_dir(exp: ExperimentConfig, cfg: ModelConfig, run_dir: Path, steps:
             say(f"train.overwrite: the previous run in {run_dir} moved to {move_old_run_aside(run_dir)}")
         sync("minicpm:old-run-moved")
         return
+    if recorded_trains_draft(run_dir) != (exp.draft.target is not None):
+        kinds = ("a draft head", "a model") if exp.draft.target is None else ("a model", "a draft head")
+        raise ValueError(f"refusing to resume {run_dir}: its checkpoints are of {kinds[0]}, this config trains "
+                         f"{kinds[1]}. Use a new output_dir")
     recorded = recorded_model(run_dir)
     diffs = shape_differences(recorded, cfg) if recorded is not None else []
     if diffs:
@@ -253,8 +266,15 @@ def _run(exp: ExperimentConfig) -> TrainResult:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}")
     global_batch, seq_len = dcfg.batch_size * pcount, dcfg.seq_len
     shape = (global_batch, seq_len)
-    setup = build_step(cfg, mesh, shape, attention=exp.model.attention, optim=exp.optim, total_steps=exp.train.steps,
-                       micro_batches=exp.train.micro_batches, loss_chunk=exp.train.loss_chunk_size)
+    draft = exp.draft.target is not None
+    if draft:                                    # train an EAGLE head on a frozen target (train/draft_step.py)
+        setup = draft_setup(exp, cfg, mesh, shape, prepared)
+        say(f"draft head for {exp.draft.target}: FR-Spec vocabulary of {setup.fr_ids.size} ids, "
+            f"{sum(x.size for x in jax.tree.leaves(setup.abstract_params)) / 1e6:.2f}M trained params")
+    else:
+        setup = build_step(cfg, mesh, shape, attention=exp.model.attention, optim=exp.optim,
+                           total_steps=exp.train.steps, micro_batches=exp.train.micro_batches,
+                           loss_chunk=exp.train.loss_chunk_size)
     say(f"run {exp.name}: {cfg.param_count() / 1e6:.1f}M params, mesh {dict(mesh.shape)}, {jax.device_count()} "
         f"devices on {pcount} process(es), global batch {global_batch} x {seq_len} tokens, {exp.train.steps} steps")
 
@@ -278,6 +298,8 @@ def _run(exp: ExperimentConfig) -> TrainResult:
         paths["run"].mkdir(parents=True, exist_ok=True)
         paths["config"].write_text(exp.to_yaml())
         tokenizer.save(paths["tokenizer"])
+        if draft:
+            record_draft_vocabulary(paths["run"], setup.fr_ids)
         dropped = truncate_metrics(paths["run"], start)
         if dropped:
             say(f"metrics: dropped {dropped} rows logged after step {start} by the interrupted run")
@@ -285,7 +307,8 @@ def _run(exp: ExperimentConfig) -> TrainResult:
     def evaluate(params) -> dict:
         it = make_eval_iterator(prepared, dcfg, process_index=pidx, process_count=pcount)
         r = eval_loss(setup.eval_step, params, it, exp.train.eval_batches, setup.batch_sharding, shape)
-        return {k: r[k] for k in ("loss", "perplexity", "tokens")}
+        drop = ("loss_sum", "perplexity") if draft else ("loss_sum",)     # a draft loss is no log-likelihood
+        return {k: v for k, v in r.items() if k not in drop}
 
     peak = peak_flops(jnp.dtype(cfg.dtype))
     writer = MetricsWriter(paths["run"], enabled=main, purge_step=start + 1 if start else None)
@@ -336,7 +359,8 @@ def _run(exp: ExperimentConfig) -> TrainResult:
                 if step % exp.train.eval_every == 0 or step == exp.train.steps:
                     e = evaluate(state.params)
                     writer.write(step, "eval", e)
-                    progress.write(f"step {step}: eval loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}")
+                    progress.write(f"step {step}: eval loss {e['loss']:.4f}, " + ", ".join(
+                        f"{k} {v:.4g}" for k, v in e.items() if k not in ("loss", "tokens")))
                 if step % exp.train.checkpoint_every == 0 or step == exp.train.steps:
                     ckpt.save(step, state, train_it, {"step": step, "tokens_seen": step * tokens_per_step,
                                                       "seed": exp.seed, "config": exp.to_dict()})
@@ -350,4 +374,32 @@ def _run(exp: ExperimentConfig) -> TrainResult:
         progress.close()
         ckpt.close()
         writer.close()
-    return TrainResult(exp, cfg, state.params, tokenizer, paths["run"], step)
+    return TrainResult(exp, cfg, state.params, tokenizer, paths["run"], step, setup if draft else None)
+
+
+def draft_setup(exp: ExperimentConfig, cfg: ModelConfig, mesh, shape, prepared) -> DraftStepSetup:
+    """A draft run's step: the frozen target loaded on the mesh (its tokenizer must be the run's), the FR-Spec ids
+    counted from the run's data, and the draft's train / eval steps."""
+    target = load_weights(exp.draft.target, step=exp.draft.target_step, mesh=mesh, dtype=jnp.dtype(cfg.param_dtype))
+    tok = prepared.tokenizer
+    probe = "The draft head reads 42 features. 中文"
+    if target.tokenizer is not None and (target.tokenizer.vocab_size != tok.vocab_size
+                                         or target.tokenizer.encode(probe) != tok.encode(probe)):
+        raise ValueError(f"draft.target={exp.draft.target}: its tokenizer ({target.tokenizer.vocab_size} ids) is not "
+                         f"the run's data tokenizer ({tok.vocab_size} ids, from {prepared.tokenizer_dir}); set "
+                         "data.tokenizer.path to the target's tokenizer")
+    say(f"draft target: {target.describe()}")
+    return build_draft_step(exp, cfg, mesh, shape, target.params, draft_vocabulary(exp, prepared, cfg))
+
+
+def record_draft_vocabulary(run_dir: Path, fr_ids: np.ndarray) -> None:
+    """Write the FR-Spec ids beside the run (`draft_vocabulary.json`); a resumed run must count the same ones."""
+    path = run_dir / "draft_vocabulary.json"
+    ids = [int(i) for i in fr_ids]
+    if path.exists():
+        old = records.read_json(path)["ids"]
+        if old != ids:
+            raise ValueError(f"{path}: the run counted a different FR-Spec vocabulary ({len(old)} ids) than this "
+                             f"resume ({len(ids)} ids): its data or draft settings changed. Use a new output_dir")
+        return
+    records.write_json(path, {"ids": ids, "size": len(ids)})

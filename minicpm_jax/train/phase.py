@@ -131,8 +131,10 @@ def resolve_source_model(exp: "ExperimentConfig") -> tuple["ExperimentConfig", l
 
     Raises ValueError naming every field that the section sets to a value other than the source's where it changes
     the math (and is not in `train.init_from_override`), and for `train.init_from_optimizer` with an HF source.
-    Reads only the source's config (config.json, or a run's config.yaml), not its weights."""
-    src_path = exp.train.init_from
+    Reads only the source's config (config.json, or a run's config.yaml), not its weights.
+    A draft run (`draft.target`) completes its model section from the target's config the same way."""
+    src_path, field = (exp.draft.target, "draft.target") if exp.draft.target else (exp.train.init_from,
+                                                                                     "train.init_from")
     if src_path is None:
         return exp, []
     kind = source_kind(src_path)
@@ -146,7 +148,7 @@ def resolve_source_model(exp: "ExperimentConfig") -> tuple["ExperimentConfig", l
         math = [f for f in INIT_FROM_MATH_FIELDS if any(ln.startswith(f"model.{f}:") for ln in bad)]
         hint = (f"; or add train.init_from_override=[{', '.join(math)}] to train with this config's value"
                 if math and len(math) == len(bad) else "")
-        raise ValueError(f"train.init_from={src_path}: the model config differs from the source's where it changes "
+        raise ValueError(f"{field}={src_path}: the model config differs from the source's where it changes "
                          "the math: " + "; ".join(bad) + ". Remove these fields from the model section to continue "
                          f"with the source's values{hint}")
     if taken:

@@ -81,6 +81,15 @@ def recorded_model(run_dir: str | Path) -> Optional[ModelConfig]:
     return ModelSection.from_dict(doc.get("model", {})).build()
 
 
+def recorded_trains_draft(run_dir: str | Path) -> bool:
+    """Whether a run's recorded config.yaml trains a draft head (`draft.target` set) rather than a model."""
+    path = run_paths(run_dir)["config"]
+    if not path.is_file():
+        return False
+    doc = yaml.safe_load(path.read_text()) or {}
+    return bool((doc.get("draft") or {}).get("target"))
+
+
 def shape_differences(recorded: ModelConfig, wanted: ModelConfig) -> list[str]:
     """'model.F: run has A, this config B' for each field a checkpoint's shapes depend on."""
     return [f"model.{f}: the run has {getattr(recorded, f)!r}, this config {getattr(wanted, f)!r}"
