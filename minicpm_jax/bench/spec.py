@@ -13,14 +13,16 @@ Targets:
 
 For every (target, FR size, drafting) row: mean accepted length per step (tokens a target pass yields, the bonus
 token included), target passes per generated token, tokens/s speculative vs plain `generate` on the same prompts
-(greedy, no EOS stop, prefill included on both sides, compile excluded, median of `reps`), and the draft head's
+(greedy, no EOS stop, prefill included on both sides, compile excluded, median of `reps` rounds that
+time both sides in alternation, so both see the same load), and the draft head's
 output-layer FLOPs per drafted token (2 * hidden * N, against 2 * hidden * V for a full-vocabulary head). Chain rows
 draft k tokens; tree rows (`speculative_generate(tree=...)`) print "n/a" until tree drafting is available.
 
-Also, per target and dtype: the plain decode step's achieved fraction of the machine's measured read bandwidth
-(`sparse.machine_peaks`): bytes a step must read (every weight once, the tied head's full [V, H] matrix included,
-plus K and V of the cached tokens) / median step time / bandwidth, for the split per-layer weights decode uses on
-CPU (`minicpm_jax.unstacked`) and for the stacked layers (the scanned path).
+Also, per target and dtype: the plain decode step's achieved fraction of the machine's read bandwidth, measured as
+`sparse.machine_peaks` does (a jitted jnp.sum over 1 GiB, more than the last-level cache) in alternation with the
+steps: bytes a step must read (every weight once, the tied head's full [V, H] matrix included, plus K and V of the
+cached tokens) / median step time / bandwidth, for the split per-layer weights decode uses on CPU
+(`minicpm_jax.unstacked`) and for the stacked layers (the scanned path).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import numpy as np
 import optax
 
 import minicpm_jax as mc
-from minicpm_jax.bench.sparse import machine_peaks
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.speculative import Draft, count_tokens, frequent_ids, init_draft, speculative_generate
 from minicpm_jax.speculative.hf import load_draft_hf, save_draft_hf
@@ -89,33 +90,49 @@ def tree_available() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- timing
-def median_time(fn, reps: int) -> tuple[float, object]:
-    """(median wall seconds over `reps` calls after one warm-up call, the last result). fn() returns host data."""
-    out = fn()
-    ts = []
+def interleaved_times(fns: Sequence, reps: int) -> tuple[list[float], list]:
+    """Median wall seconds of each fn() over `reps` rounds that call every fn once in turn (one warm-up round first),
+    so all sides see the same load on a shared machine; also each fn's last result. fn() returns host data."""
+    outs = [fn() for fn in fns]
+    ts = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)), out
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            ts[i].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in ts], outs
 
 
-def decode_step_seconds(params, cfg: ModelConfig, kv_len: int, steps: int) -> float:
-    """Median seconds of one jitted single-token `decode_step` (batch 1) with about `kv_len` cached tokens."""
-    cap = -(-(kv_len + steps + 4) // 16) * 16
-    cache = mc.init_cache(cfg, 1, cap)
+def decode_stepper(params, cfg: ModelConfig, kv_len: int, max_calls: int):
+    """A function that runs one jitted single-token `decode_step` (batch 1) and waits for it, on a cache prefilled
+    with `kv_len` tokens that grows by one per call (room for `max_calls` calls); compiled before it is returned."""
+    cap = -(-(kv_len + max_calls + 2) // 16) * 16
+    state = {"cache": mc.init_cache(cfg, 1, cap)}
     ids = jnp.asarray(np.arange(kv_len) % (cfg.vocab_size - 3) + 3, jnp.int32)[None]
-    _, cache = mc.prefill(params, cfg, ids, jnp.asarray([kv_len], jnp.int32), cache)
+    _, state["cache"] = mc.prefill(params, cfg, ids, jnp.asarray([kv_len], jnp.int32), state["cache"])
     tok = jnp.asarray([[5]], jnp.int32)
-    logits, cache = mc.decode_step(params, cfg, tok, cache)          # compile
-    jax.block_until_ready(logits)
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        logits, cache = mc.decode_step(params, cfg, tok, cache)
-        jax.block_until_ready(logits)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+
+    def step():
+        logits, state["cache"] = mc.decode_step(params, cfg, tok, state["cache"])
+        return jax.block_until_ready(logits)
+    step()
+    return step
+
+
+class BandwidthProbe:
+    """Reads `mib` MiB with a jitted jnp.sum (the reduction `sparse.machine_peaks` times): the read bandwidth,
+    timed beside the decode steps so both see the same load."""
+
+    def __init__(self, mib: int = 1024):
+        self.x = jnp.ones((mib * 2 ** 18,), jnp.float32)
+        self.f = jax.jit(jnp.sum)
+        self()
+
+    def __call__(self):
+        return jax.block_until_ready(self.f(self.x))
+
+    def gbs(self, seconds: float) -> float:
+        return self.x.size * 4 / seconds / 1e9
 
 
 # --------------------------------------------------------------------------------------- the tiny run's data
@@ -195,41 +212,39 @@ class SpecRow:
 
 
 def measure_spec_row(row: SpecRow, params, split_params, cfg: ModelConfig, draft: Draft, prompts, new_tokens: int,
-                     k: int, tree: Optional[tuple], plain_tps: float, reps: int) -> SpecRow:
-    """Fill `row` with the speculative side (chain when tree is None) timed on `prompts`."""
-    row.plain_tps = plain_tps
+                     k: int, tree: Optional[tuple], reps: int) -> SpecRow:
+    """Fill `row`: speculative decoding (a chain of k when tree is None) and plain greedy `generate` on `prompts`,
+    timed in alternation (prefill included on both sides, compile excluded)."""
+    plain = lambda: mc.generate(params, cfg, prompts, new_tokens, eos_token_id=[])
     if tree is not None and not tree_available():
         row.note = "; ".join(x for x in ("n/a (tree drafting not available)", row.note) if x)
         return row
     # chain verification runs through decode.py, which takes split weights; the tree path applies the stacked model
     kw, p = (dict(k=k), split_params) if tree is None else (dict(tree=tuple(tree)), params)
-    sec, res = median_time(lambda: speculative_generate(p, cfg, draft, prompts, new_tokens, eos_token_id=[], **kw),
-                           reps)
+    spec = lambda: speculative_generate(p, cfg, draft, prompts, new_tokens, eos_token_id=[], **kw)
+    (t_plain, t_spec), (res_plain, res) = interleaved_times([plain, spec], reps)
     passes, acc, gen = res.target_passes.sum(), res.accepted.sum(), res.lengths.sum()
     row.accept_len = float((acc + passes) / passes)
     row.passes_per_token = float(passes / gen)
-    row.spec_tps = float(gen / sec)
+    row.spec_tps = float(gen / t_spec)
+    row.plain_tps = float(res_plain.lengths.sum() / t_plain)
     return row
 
 
-def plain_tps(params, cfg: ModelConfig, prompts, new_tokens: int, reps: int) -> float:
-    """Generated tokens/s of plain greedy `generate` (prefill included, compile excluded)."""
-    sec, res = median_time(lambda: mc.generate(params, cfg, prompts, new_tokens, eos_token_id=[]), reps)
-    return float(res.lengths.sum() / sec)
-
-
-def bandwidth_lines(name: str, cfg: ModelConfig, params, kv_len: int, steps: int, bw_gbs: float,
-                    stacked: bool = True) -> list[str]:
-    """Plain decode step: time and achieved fraction of `bw_gbs`, split per-layer weights (and stacked)."""
+def bandwidth_lines(name: str, cfg: ModelConfig, params, kv_len: int, steps: int, probe: Optional[BandwidthProbe],
+                    bw_gbs: Optional[float] = None, stacked: bool = True) -> list[str]:
+    """Plain decode step over split per-layer weights (and stacked): median time and achieved fraction of the read
+    bandwidth, measured by `probe` in alternation with the steps (or `bw_gbs` when given)."""
     need = decode_bytes_per_step(cfg, kv_len)
     layouts = [("split", jax.jit(split_layers)(params))] + ([("stacked", params)] if stacked else [])
+    fns = [decode_stepper(p, cfg, kv_len, steps + 1) for _, p in layouts]
+    times, _ = interleaved_times(fns + ([probe] if bw_gbs is None else []), steps)
+    bw = bw_gbs if bw_gbs is not None else probe.gbs(times[-1])
     out = []
-    for label, p in layouts:
-        t = decode_step_seconds(p, cfg, kv_len, steps)
-        frac = need["total"] / t / (bw_gbs * 1e9)
+    for (label, _), t in zip(layouts, times):
         out.append(f"  {name} {cfg.dtype:8} {label:7} layers: {t * 1e3:7.1f} ms/step = {1 / t:6.2f} tok/s, "
                    f"{need['total'] / 2 ** 20:7.1f} MiB read/step -> {need['total'] / t / 1e9:5.1f} GB/s = "
-                   f"{frac:4.0%} of measured bandwidth")
+                   f"{need['total'] / t / (bw * 1e9):4.0%} of measured bandwidth ({bw:.1f} GB/s beside it)")
     return out
 
 
@@ -272,7 +287,7 @@ def run(run_dir: str = "runs/tiny", data_dir: Optional[str] = None, targets: Seq
         k: int = 4, tree: Sequence[int] = TREE, fractions: Sequence[float] = FR_FRACTIONS,
         new_tokens: int = 32, prompt_len: int = 32, batch: int = 1, reps: int = 3, train_steps: int = 200,
         train_batch: int = 8, train_seq: int = 128, dtypes: Sequence[str] = ("float32", "bfloat16"),
-        decode_steps: int = 8, quick_peaks: bool = True, big_new_tokens: int = 12, seed: int = 0, log=print,
+        decode_steps: int = 8, probe_mib: int = 1024, big_new_tokens: int = 12, seed: int = 0, log=print,
         random_cfg: Optional[ModelConfig] = None, bw_gbs: Optional[float] = None, stacked: bool = True) -> str:
     """Run the benchmark; prints progress through `log` and returns the report (also printed).
 
@@ -281,9 +296,10 @@ def run(run_dir: str = "runs/tiny", data_dir: Optional[str] = None, targets: Seq
     for t in targets:
         if t not in ("tiny", "0.5b"):
             raise ValueError(f"targets: unknown target {t!r} (tiny | 0.5b)")
-    bw = machine_peaks(quick=quick_peaks)["bw_gbs"] if bw_gbs is None else float(bw_gbs)
-    out = [f"spec bench: read bandwidth {bw:.1f} GB/s ({'given' if bw_gbs else 'measured: jnp.sum over '}"
-           f"{'' if bw_gbs else '256 MiB' if quick_peaks else '1 GiB'}); JAX {jax.__version__}, backend {jax.default_backend()}; "
+    probe = None if bw_gbs is not None else BandwidthProbe(probe_mib)
+    bw_text = (f"given, {bw_gbs:.1f} GB/s" if bw_gbs else
+               f"measured beside the decode steps (jnp.sum over {probe_mib} MiB, timed in alternation with them)")
+    out = [f"spec bench: read bandwidth {bw_text}; JAX {jax.__version__}, backend {jax.default_backend()}; "
            f"greedy, batch {batch}, compile excluded, median of {reps}", "", "plain decode step vs memory bandwidth:"]
     rows: list[SpecRow] = []
     trees = [None] + ([tuple(tree)] if tree else [])
@@ -307,11 +323,9 @@ def run(run_dir: str = "runs/tiny", data_dir: Optional[str] = None, targets: Seq
         for dt in dtypes:
             c = cfg.replace(dtype=dt, param_dtype=dt)
             p = params if dt == cfg.param_dtype else jax.tree.map(lambda x: x.astype(dt), params)
-            out += bandwidth_lines(target, c, p, prompt_len + n_new // 2, decode_steps, bw, stacked)
+            out += bandwidth_lines(target, c, p, prompt_len + n_new // 2, decode_steps, probe, bw_gbs, stacked)
         log("\n".join(out[-(1 + stacked) * len(dtypes):]))
         split = jax.jit(split_layers)(params)
-        base = plain_tps(params, cfg, prompts, n_new, reps)
-        log(f"{target}: plain generate {base:.2f} tok/s")
         for n in fr_sizes(cfg.vocab_size, fractions):
             if counts is not None:
                 fr = frequent_ids(counts, n, always=cfg.eos_ids)
@@ -321,7 +335,7 @@ def run(run_dir: str = "runs/tiny", data_dir: Optional[str] = None, targets: Seq
             for tr in trees:
                 r = SpecRow(target, f"chain k={k}" if tr is None else f"tree {tr}", n, cfg.vocab_size,
                             cfg.hidden_size, note=note)
-                rows.append(measure_spec_row(r, params, split, cfg, draft, prompts, n_new, k, tr, base, reps))
+                rows.append(measure_spec_row(r, params, split, cfg, draft, prompts, n_new, k, tr, reps))
                 log(format_table(rows[-1:])[-1])
     out += ["", f"speculative vs plain generate (prompt {prompt_len} tokens; tiny: {new_tokens} new tokens, 0.5b: "
                 f"{big_new_tokens}); accept len = tokens per target pass, bonus token included:", ""]
