@@ -38,14 +38,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 
 import minicpm_jax as mc
+from data_pipeline.records import decode_record, read_shards
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.speculative import Draft, count_tokens, frequent_ids, init_draft, speculative_generate
 from minicpm_jax.speculative.hf import load_draft_hf, save_draft_hf
 from minicpm_jax.train.draft_loss import make_draft_train_step
 from minicpm_jax.train.step import TrainState
 from minicpm_jax.unstacked import split_layers
+from minicpm_jax.weights import load_weights
 
 FR_FRACTIONS = (0.25, 0.0625)
 TREE = (4, 2, 1)
@@ -138,8 +141,6 @@ class BandwidthProbe:
 # --------------------------------------------------------------------------------------- the tiny run's data
 def read_documents(data_dir: Path, split: str, limit: Optional[int] = None) -> list[np.ndarray]:
     """Token arrays (int32) of the prepared documents of `split` ("train" | "eval") under a prepared data dir."""
-    from data_pipeline.records import decode_record, read_shards
-
     manifest = json.loads((Path(data_dir) / "prepared.json").read_text())
     shards = manifest["train_shards" if split == "train" else "eval_shards"]
     paths = [Path(data_dir) / p for ps in shards.values() for p in ps]
@@ -268,11 +269,8 @@ def format_table(rows: Sequence[SpecRow]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- targets
 def tiny_target(run_dir: Path, data_dir: Optional[Path]):
     """(cfg, params, train docs, eval docs) of a trained run; the data dir defaults to the run config's."""
-    from minicpm_jax.weights import load_weights
-
     w = load_weights(run_dir)
     if data_dir is None:
-        import yaml
         conf = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
         data_dir = Path(conf.get("data_dir", "runs/data"))
         if not (data_dir / "prepared.json").exists():          # relative to the run's parent (runs/)
