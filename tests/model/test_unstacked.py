@@ -16,7 +16,7 @@ SPARSE = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, wind
 @pytest.fixture(scope="module", params=["dense", "sparse"])
 def model(request):
     sparse = SPARSE if request.param == "sparse" else None
-    cfg = mc.ModelConfig.tiny(num_hidden_layers=3, vocab_size=300, sparse_config=sparse)
+    cfg = mc.ModelConfig.tiny(num_hidden_layers=2, vocab_size=300, sparse_config=sparse)
     return cfg, mc.init_params(cfg, jax.random.key(5)), request.param
 
 
