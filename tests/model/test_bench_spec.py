@@ -49,8 +49,8 @@ def test_draft_flops_and_fr_sizes():
 def test_bench_table_end_to_end(capsys):
     cfg = mc.ModelConfig.tiny(**{**SMALL, "num_hidden_layers": 1})
     report = spec.run(targets=("0.5b",), random_cfg=cfg, k=2, tree=(2,), fractions=(0.25,), new_tokens=4,
-                      big_new_tokens=5, prompt_len=4, reps=1, dtypes=("float32",), decode_steps=2, bw_gbs=10.0, log=lambda m: None,
-                      stacked=False)
+                      big_new_tokens=5, prompt_len=4, reps=1, dtypes=("float32",), decode_steps=2, bw_gbs=10.0,
+                      log=lambda m: None, stacked=False)
     assert report in capsys.readouterr().out
     rows = [line for line in report.splitlines() if line.startswith("| random |")]
     assert len(rows) == 2                                       # chain, tree
