@@ -20,10 +20,16 @@ from minicpm_jax.config import ModelConfig
 from minicpm_jax.kv_cache import KVCache, init_cache
 from minicpm_jax.model import MiniCPM, compute_logits
 from minicpm_jax.sampling import GenerationSettings, sample_token
+from minicpm_jax.unstacked import apply_split, is_split, split_for_backend
 
 
 def _apply_with_cache(params, cfg, attention, mode, tokens, positions, q_slot, cache: KVCache, write_start,
                       valid_lengths, logits_index, return_hidden=False):
+    if is_split(params):                                   # per-layer weights (`unstacked.split_layers`)
+        out, (k, v, sc) = apply_split(params, cfg, attention, mode, tokens, positions, q_slot,
+                                      (cache.k, cache.v, cache.sparse), write_start, valid_lengths, logits_index,
+                                      return_hidden)
+        return out, KVCache(k=k, v=v, lengths=valid_lengths.astype(jnp.int32), sparse=sc)
     model = MiniCPM(cfg, attention, mode)
     out, (k, v, sc) = model.apply({"params": params}, tokens, positions, q_slot,
                                   cache=(cache.k, cache.v, cache.sparse), write_start=write_start,
@@ -104,6 +110,7 @@ class GenerateResult:
 def _generate(params, cfg: ModelConfig, tokens, lengths, rng, temperature, top_k, top_p, eos, pad_id,
               max_new_tokens: int, capacity: int, attention: str):
     b = tokens.shape[0]
+    params = split_for_backend(params)    # once per call, outside the token loop (XLA:CPU copies sliced weights)
     cache = init_cache(cfg, b, capacity, attention)       # built inside the jit: no second copy of the cache
     logits, cache = prefill(params, cfg, tokens, lengths, cache, attention)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)

@@ -23,6 +23,7 @@ import numpy as np
 import minicpm_jax as mc
 from minicpm_jax.export import llamacpp
 from minicpm_jax.export.gguf import to_gguf
+from minicpm_jax.unstacked import split_for_backend
 
 PRESETS = ("0.5b", "tiny", "8b")
 
@@ -62,7 +63,9 @@ def llamacpp_speed(path: Path, prompt: Sequence[int], decode: Sequence[int], n_t
 
 
 def jax_decode_speed(cfg, params, prompt: Sequence[int], decode: Sequence[int]) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) of the JAX model on CPU: jitted prefill, then jitted decode steps."""
+    """(prefill tokens/s, decode tokens/s) of the JAX model on CPU: jitted prefill, then jitted decode steps (over
+    per-layer weights split once, as `generate` decodes on CPU)."""
+    params = jax.jit(split_for_backend)(params)
     cap = -(-(len(prompt) + len(decode) + 1) // 16) * 16
     toks = jnp.asarray([list(prompt)], jnp.int32)
     lengths = jnp.asarray([len(prompt)], jnp.int32)

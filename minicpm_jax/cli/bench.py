@@ -1,4 +1,4 @@
-"""`minicpm bench {sparse,train,data,edge,mup,mup-transfer}`: benchmarks that print tables of ratios measured side by
+"""`minicpm bench {sparse,train,data,edge,spec,mup,mup-transfer}`: benchmarks that print tables of ratios measured side by
 side (mup: the μP coordinate check; mup-transfer: the learning-rate transfer sweep's table and plot)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from data_pipeline import bench as data_bench
 from data_pipeline.prepare import load_prepared, prepare_data
-from minicpm_jax.bench import edge, mup, mup_transfer, sparse, train
+from minicpm_jax.bench import edge, mup, mup_transfer, sparse, spec, train
 from minicpm_jax.cli.data import add_config_arguments, data_config, setup_logging
 
 
@@ -62,6 +62,27 @@ def register(sub) -> None:
     p.add_argument("--out-dir", default=None, help="keep the GGUF files here (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench_edge)
+
+    p = bsub.add_parser("spec", help="speculative decoding (EAGLE + FR-Spec) vs plain decode; decode bandwidth",
+                        description=spec.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default="runs/tiny", help="trained run for the tiny rows (drafts cached under it)")
+    p.add_argument("--data-dir", default=None, help="its prepared data (default: the run config's data_dir)")
+    p.add_argument("--targets", default="tiny,0.5b", help="comma list of tiny, 0.5b")
+    p.add_argument("--k", type=int, default=4, help="chain: tokens drafted per target pass (default 4)")
+    p.add_argument("--tree", default="4,2,1", help="static draft tree branching ('' skips the tree rows)")
+    p.add_argument("--fr-fractions", default="0.25,0.0625", help="FR-Spec sizes as fractions of the vocabulary")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt, tiny (default 32)")
+    p.add_argument("--big-new-tokens", type=int, default=12, help="tokens generated per prompt, 0.5b (default 12)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per side (median; default 3)")
+    p.add_argument("--train-steps", type=int, default=200, help="draft training steps (tiny; cached per FR size)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the decode-bandwidth lines")
+    p.set_defaults(func=lambda a: spec.run(
+        a.run_dir, a.data_dir, [t for t in a.targets.split(",") if t], k=a.k,
+        tree=tuple(int(x) for x in a.tree.split(",") if x), fractions=[float(x) for x in a.fr_fractions.split(",")],
+        new_tokens=a.new_tokens, big_new_tokens=a.big_new_tokens, prompt_len=a.prompt_len, batch=a.batch,
+        reps=a.reps, train_steps=a.train_steps, dtypes=[d for d in a.dtypes.split(",") if d]) and 0)
 
     p = bsub.add_parser("mup", help="μP coordinate check: layer-output RMS vs width at init and after Adam steps",
                         description=mup.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
