@@ -29,7 +29,8 @@ from minicpm_jax.decode import GenerateResult, decode_step_with_hidden, prefill_
 from minicpm_jax.kv_cache import init_cache, truncate_cache
 from minicpm_jax.sampling import filtered_logits, sample_token
 from minicpm_jax.speculative.draft import Draft, draft_apply, draft_tree_apply, fr_to_vocab, init_draft_cache
-from minicpm_jax.speculative.tree import Tree, accept_tree_greedy
+from minicpm_jax.speculative.tree import Tree
+from minicpm_jax.speculative.tree_accept import accept_tree_greedy, accept_tree_sampled
 from minicpm_jax.speculative.tree_step import compact_tree_cache, tree_verify_step
 from minicpm_jax.speculative.verify import accept_greedy, accept_sampled
 
@@ -79,30 +80,41 @@ def _chain_step(s, params, cfg, draft, embedding, k, temperature, top_k, top_p, 
     return drafted, n, nxt, hid, tc, lambda c, keep: truncate_cache(c, cfg, keep), rng
 
 
-def _tree_step(s, params, cfg, draft, embedding, tree: Tree, attention, propose_fn):
-    """Draft a static tree level by level (children = the draft's top-b FR tokens at each node), verify all nodes in
-    one pass, accept the deepest root path the target's argmax agrees with (greedy only).
+def _tree_step(s, params, cfg, draft, embedding, tree: Tree, temperature, top_k, top_p, attention, propose_fn):
+    """Draft a static tree level by level, verify all nodes in one pass, keep a root path (`tree_accept`).
 
-    Returns what `_chain_step` does, with the accepted path's drafted tokens [B, D] and features [B, D+1, H]."""
+    Children of a node: greedy, the draft's top-b FR tokens there (distinct); sampling, b independent draws from
+    the draft's distribution at `temperature` (what the exact tree rejection rule needs). Returns what
+    `_chain_step` does, with the kept path's drafted tokens [B, D] and features [B, D+1, H]."""
     b = s["cur"].shape[0]
+    rng, r_draft, r_acc = jax.random.split(s["rng"], 3)
+    r_draft = jax.random.split(r_draft, tree.depth)
     dc = s["dcache"]
     levels, fr, feat = [s["cur"][:, None]], s["d_fr"][:, None], s["d_feat"][:, None]   # [B, n_{d-1}, ...]
+    q_all = []                                                        # per internal node, its children's q
     for depth, width in enumerate(tree.branching, start=1):
         if propose_fn is not None:
             fr = propose_fn(fr, s["n_gen"], depth)
-        top = jax.lax.top_k(fr, width)[1]                                              # [B, n_{d-1}, b_d]
-        tokens = draft.fr_ids[top].reshape(b, -1).astype(jnp.int32)
+        q = fr / jnp.maximum(temperature, 1e-6)
+        drawn = jax.random.categorical(r_draft[depth - 1], q[:, :, None, :], axis=-1,
+                                       shape=q.shape[:2] + (width,))
+        pick = jnp.where(temperature > 0, drawn, jax.lax.top_k(fr, width)[1])        # [B, n_{d-1}, b_d]
+        tokens = draft.fr_ids[pick].reshape(b, -1).astype(jnp.int32)
         levels.append(tokens)
+        q_all.append(fr_to_vocab(q, draft.fr_ids, cfg.vocab_size))
         if depth < tree.depth:                       # the leaves' children are never drafted
             feats = jnp.repeat(feat, width, axis=1)  # a child pairs its parent's predicted feature with its token
             feat, fr, dc = draft_tree_apply(draft, embedding, feats, tokens, dc, tree.draft_layout(depth), depth)
     nodes = jnp.concatenate(levels, axis=1)                                            # [B, N]
     logits, hid, tc = tree_verify_step(params, cfg, nodes, s["tcache"], tree, attention)
-    n, last, nxt = accept_tree_greedy(logits, nodes, tree)
+    n, last, nxt = jax.lax.cond(
+        temperature <= 0, lambda: accept_tree_greedy(logits, nodes, tree),
+        lambda: accept_tree_sampled(filtered_logits(logits, temperature, top_k, top_p),
+                                    jnp.concatenate(q_all, axis=1), nodes, tree, r_acc))
     path = jnp.asarray(tree.paths)[last]                                               # [B, D+1] node indices
     drafted = jnp.take_along_axis(nodes, path[:, 1:], axis=1)
     hid_path = jnp.take_along_axis(hid, path[:, :, None], axis=1)
-    return drafted, n, nxt, hid_path, tc, lambda c, keep: compact_tree_cache(c, cfg, path, keep), s["rng"]
+    return drafted, n, nxt, hid_path, tc, lambda c, keep: compact_tree_cache(c, cfg, path, keep), rng
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "k", "tree", "max_new_tokens", "capacity",
@@ -144,8 +156,8 @@ def _speculative(params, draft_params, fr_ids, embedding, tokens, lengths, rng, 
             drafted, n, nxt_tok, hid, tc, roll, rng = _chain_step(s, params, cfg, draft, embedding, k, temperature,
                                                                   top_k, top_p, attention, propose_fn)
         else:
-            drafted, n, nxt_tok, hid, tc, roll, rng = _tree_step(s, params, cfg, draft, embedding, tree, attention,
-                                                                 propose_fn)
+            drafted, n, nxt_tok, hid, tc, roll, rng = _tree_step(s, params, cfg, draft, embedding, tree, temperature,
+                                                                 top_k, top_p, attention, propose_fn)
         # emitted this step: d_1..d_n, next; cut at the first EOS and at max_new_tokens
         new = jnp.where(jnp.arange(span + 1)[None] < n[:, None],
                         jnp.concatenate([drafted, drafted[:, :1]], axis=1), nxt_tok[:, None])
@@ -191,9 +203,9 @@ def speculative_generate(params, cfg: ModelConfig, draft: Draft, prompt_ids, max
     tree: instead of a chain, a static draft tree (b_1, .., b_D) (EAGLE-2 style, `speculative.tree`): b_1 children
       of the last token (the draft's top-b_1 FR tokens), each expanded to its top-b_2, ...; all 1 + b_1 + b_1 b_2 +
       .. nodes are verified in one target pass with a tree attention mask (dense or InfLLM v2) and the deepest
-      agreeing root path is kept (at most D + 1 tokens per pass); k is then unused. Greedy only: temperature > 0
-      with a tree raises ValueError (top-b children are not drawn from the draft's distribution, which the exact
-      multi-draft rejection rule needs).
+      agreeing root path is kept (at most D + 1 tokens per pass); k is then unused. With temperature > 0 the
+      children of a node are instead b independent draws from the draft's distribution and the path is kept by
+      recursive rejection sampling (`speculative.tree_accept`), which keeps the target's distribution exactly.
     propose_fn: a seam for tests and analysis, (fr_logits [B, .., N] float32, n_gen int32 [B] tokens emitted
       before this step, depth) -> the FR logits the drafted tokens at `depth` (1 = the token after the last emitted
       one) are chosen from, in place of the draft's; e.g. an oracle that knows the target's continuation. It must
@@ -210,9 +222,6 @@ def speculative_generate(params, cfg: ModelConfig, draft: Draft, prompt_ids, max
     topo = None
     if tree is not None:
         topo = Tree(tuple(int(x) for x in tree) if isinstance(tree, (list, tuple)) else tree)
-        if temperature > 0:
-            raise ValueError(f"tree={tuple(tree)} drafting is greedy only (temperature must be 0, got {temperature}); "
-                             "sample with a chain draft (tree=None) instead")
         if max(topo.branching) > draft.fr_ids.shape[0]:
             raise ValueError(f"tree={tuple(tree)} asks for {max(topo.branching)} children of a node but the draft "
                              f"scores only {draft.fr_ids.shape[0]} FR-Spec ids")

@@ -1,11 +1,10 @@
-"""Static draft trees (EAGLE-2 style): the topology of a branching tuple, its attention layouts, greedy acceptance.
+"""Static draft trees (EAGLE-2 style): the topology of a branching tuple and its attention layouts.
 
 A tree (b_1, .., b_D) has the root (the last emitted token, depth 0), b_1 children of the root, b_2 children of
 each depth-1 node, and so on: n_d = b_1 * .. * b_d nodes at depth d, N = 1 + n_1 + .. + n_D nodes in all. Nodes are
 numbered breadth first and the children of a node are contiguous, in the order of its parent within the level:
-node start_d + p * b_d + c is child c of the p-th node of depth d - 1. Child c of a node is the draft's
-(c+1)-th best FR token there, so siblings are distinct and at most one child of a node equals the target's
-greedy token: the nodes greedy verification accepts form one root path.
+node start_d + p * b_d + c is child c of the p-th node of depth d - 1, so every internal node comes before every
+leaf. Which tokens the children carry is the drafting rule's business (`speculative.generate`, `tree_accept`).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax.numpy as jnp
 import numpy as np
 
 from minicpm_jax.tree_attention import TreeLayout
@@ -97,17 +95,3 @@ class Tree:
 
 def _tuples(a: np.ndarray) -> tuple[tuple[bool, ...], ...]:
     return tuple(tuple(bool(x) for x in row) for row in a)
-
-
-def accept_tree_greedy(target_logits: jnp.ndarray, node_tokens: jnp.ndarray, tree: Tree):
-    """Greedy acceptance over a tree: the deepest node whose whole root path agrees with the target's argmax.
-
-    target_logits [B, N, V] at the nodes; node_tokens int32 [B, N] (the root's included). A node agrees when its
-    token equals the target's argmax at its parent. Returns (n_accepted int32 [B] = depth of the deepest agreeing
-    path, last int32 [B] its node, next token int32 [B] = the target's argmax there)."""
-    y = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)                          # [B, N]
-    agree = (node_tokens == y[:, tree.parent]).at[:, 0].set(True)
-    on_path = jnp.all(agree[:, None, :] | ~jnp.asarray(tree.ancestors)[None], axis=-1)   # every ancestor agrees
-    depth = jnp.asarray(tree.node_depth)
-    last = jnp.argmax(jnp.where(on_path, depth[None], -1), axis=1).astype(jnp.int32)
-    return depth[last], last, jnp.take_along_axis(y, last[:, None], axis=1)[:, 0]

@@ -1,0 +1,232 @@
+"""Speculative decoding with static draft trees, and the whole speculative loop's distribution when sampling.
+
+Each reference shares no code with what it checks: plain `generate` / `decode_step` / `forward` for the tree's
+tokens, logits and caches; probabilities computed here from `forward` for the sampling loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import minicpm_jax as mc
+from minicpm_jax.kv_cache import truncate_cache
+from minicpm_jax.speculative import init_draft, speculative_generate
+from minicpm_jax.speculative.draft import draft_apply, draft_tree_apply, init_draft_cache
+from minicpm_jax.speculative.tree import Tree
+from minicpm_jax.speculative.tree_accept import accept_tree_greedy
+from minicpm_jax.speculative.tree_step import compact_tree_cache, tree_verify_step
+from tests.model.test_speculative import SPARSE, prompts_of, repeat_draft
+
+
+@pytest.fixture(scope="module")
+def target():
+    cfg = mc.ModelConfig.tiny(num_hidden_layers=2, vocab_size=300, sparse_config=SPARSE)
+    return cfg, mc.init_params(cfg, jax.random.key(1))
+
+
+def test_tree_topology():
+    t = Tree((2, 3))
+    assert t.num_nodes == 1 + 2 + 6 and t.level_starts == (0, 1, 3, 9)
+    assert t.parent.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert t.node_depth.tolist() == [0, 1, 1, 2, 2, 2, 2, 2, 2]
+    assert t.paths[7].tolist() == [0, 2, 7] and t.paths[2].tolist() == [0, 2, 2]
+    assert np.nonzero(t.ancestors[7])[0].tolist() == [0, 2, 7]
+    assert t.draft_layout(2).offset == 2 and t.draft_layout(2).mask_array().shape == (6, 8)
+    for bad in ((), (2, 0), [2, 1]):
+        with pytest.raises(ValueError, match="tree must be"):
+            Tree(bad)
+
+
+def test_tree_arguments_are_named(target):
+    cfg, params = target
+    draft = init_draft(cfg, np.arange(300), jax.random.key(0))
+    with pytest.raises(ValueError, match="children of a node"):
+        speculative_generate(params, cfg, draft, [[1, 2]], 4, tree=(301, 1))
+    with pytest.raises(ValueError, match="tree must be"):
+        speculative_generate(params, cfg, draft, [[1, 2]], 4, tree=(2, 0))
+    with pytest.raises(ValueError, match="draft_tree needs a draft"):
+        mc.generate(params, cfg, [[1, 2]], 4, draft_tree=(2, 1))
+
+
+def test_greedy_tree_speculative_equals_greedy_sparse(target):
+    """Ragged rows of an InfLLM v2 target: they reach 7 blocks of 16 while 5 are attended, so selection happens,
+    and the tree's paths complete kernels (stride 4) inside the step."""
+    cfg, params = target
+    draft = repeat_draft(cfg, params, np.arange(0, 300)[np.arange(300) % 3 != 1])
+    prompts = prompts_of((70, 83))
+    ref = mc.generate(params, cfg, prompts, 24, eos_token_id=[], attention="sparse")
+    out = mc.generate(params, cfg, prompts, 24, draft=draft, draft_tree=(3, 2, 1), eos_token_id=[],
+                      attention="sparse")
+    assert out.sequences() == ref.sequences()
+    assert out.accepted.sum() > 0 and (out.target_passes < 23).all()
+    print("tree (sparse): mean tokens per pass:", (out.accepted + out.target_passes) / out.target_passes)
+
+
+def oracle(ref: np.ndarray, rule):
+    """A proposer (the `propose_fn` seam). rule per row: "right" (its best token at depth d is the target's greedy
+    token there), "wrong" (its top tokens never include it) or "draft" (the draft's own logits). ref: the greedy
+    continuation [B, T] (ref[:, 0] is the first emitted token). Full-vocabulary FR ids: FR index = token id."""
+    ref = jnp.asarray(ref)
+    right = jnp.asarray([r == "right" for r in rule])
+    own = jnp.asarray([r == "draft" for r in rule])
+
+    def propose(fr, n_gen, depth):
+        idx = jnp.minimum(n_gen + depth - 1, ref.shape[1] - 1)
+        tok = ref[jnp.arange(ref.shape[0]), idx]
+        v = fr.shape[-1]
+        good = jax.nn.one_hot(tok, v) * 10.0
+        bad = jax.nn.one_hot((tok + 1) % v, v) * 10.0 - jax.nn.one_hot(tok, v) * 10.0
+        out = jnp.where(right[:, None], good, bad)
+        out = out.reshape((out.shape[0],) + (1,) * (fr.ndim - 2) + (v,))            # [B, 1.., V]
+        return jnp.where(own.reshape((-1,) + (1,) * (fr.ndim - 1)), fr, jnp.broadcast_to(out, fr.shape))
+    return propose
+
+
+@pytest.mark.parametrize("shape", [dict(k=3), dict(tree=(3, 2, 1))])
+def test_right_wrong_and_real_drafts(target, shape):
+    """Ragged rows, dense target: an always-right proposer emits k+1 (chain) / depth+1 (tree) tokens per target pass,
+    an always-wrong one keeps nothing (one token per pass), the draft head itself something in between; all three
+    rows give greedy's tokens."""
+    cfg, params = target
+    draft = repeat_draft(cfg, params, np.arange(300))
+    prompts = prompts_of((7, 19, 12))
+    ref = mc.generate(params, cfg, prompts, 24, eos_token_id=[], attention="dense")
+    out = speculative_generate(params, cfg, draft, prompts, 24, eos_token_id=[], attention="dense",
+                               propose_fn=oracle(ref.tokens, ["right", "wrong", "draft"]), **shape)
+    assert out.sequences() == ref.sequences()
+    # 23 tokens after the first: 4 per pass for the right row (6 passes; the last, cut at 3 tokens, emits 3 drafted
+    # ones: 5 * 3 + 3 kept), 1 per pass for the wrong one
+    assert out.target_passes[:2].tolist() == [6, 23] and out.accepted[:2].tolist() == [18, 0]
+    assert out.accepted[2] > 0 and out.target_passes[2] < 23
+    print(shape, "draft row: tokens per pass", (out.accepted[2] + out.target_passes[2]) / out.target_passes[2])
+
+
+def test_draft_tree_levels_equal_chains(target):
+    """The draft's tree steps (one layer run per depth over all nodes, tree mask over its own cache) give every
+    node what the draft's chain step gives along that node's root path."""
+    cfg, params = target
+    draft = init_draft(cfg, np.arange(300), jax.random.key(4))
+    tree, b, n0 = Tree((2, 3)), 2, 13
+    ks = jax.random.split(jax.random.key(5), 3)
+    feats = jax.random.normal(ks[0], (b, n0, cfg.hidden_size))
+    ids = jax.random.randint(ks[1], (b, n0), 3, 300)
+    emb = params["embed_tokens"]
+    cache = init_draft_cache(draft, b, 32)
+    h0, _, cache = draft_apply(draft, emb, feats, ids, cache)
+    cache = truncate_cache(cache, draft.cfg, jnp.array([n0, n0 - 4]))       # ragged rows
+    tok = jax.random.randint(ks[2], (b, tree.num_nodes), 3, 300)
+    root_feat = jax.random.normal(ks[0], (b, 1, cfg.hidden_size))
+    h1, fr1, c1 = draft_tree_apply(draft, emb, jnp.repeat(root_feat, 2, axis=1), tok[:, 1:3], cache,
+                                   tree.draft_layout(1), 1)
+    h2, fr2, _ = draft_tree_apply(draft, emb, jnp.repeat(h1, 3, axis=1), tok[:, 3:], c1, tree.draft_layout(2), 2)
+    for node in range(3, tree.num_nodes):
+        parent = int(tree.parent[node])
+        chain_feats = jnp.concatenate([root_feat, h1[:, parent - 1:parent]], axis=1)
+        hc, frc, _ = draft_apply(draft, emb, chain_feats, tok[:, [parent, node]], cache)
+        np.testing.assert_allclose(h1[:, parent - 1], hc[:, 0], rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(h2[:, node - 3], hc[:, 1], rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(fr2[:, node - 3], frc[:, 1], rtol=2e-5, atol=2e-4)
+
+
+# ------------------------------------------------------------------------------- one tree step against plain decoding
+def test_tree_step_logits_and_compacted_cache(target):
+    """One verification pass over a (2, 2, 1) tree whose greedy path is hidden at non-first children (so the kept
+    path must move): every node's logits equal the full forward pass over prefix + its root path; after compaction
+    the cache (keys, values, lengths, InfLLM v2 compressed keys) equals plain decoding's over the kept tokens."""
+    cfg, params = target
+    attention = "sparse"
+    tree = Tree((2, 2, 1))
+    lengths = np.array([86, 77], np.int32)                              # > dense_len, not multiples of 16
+    prompts = prompts_of(lengths, seed=3)
+    greedy = mc.generate(params, cfg, prompts, 5, eos_token_id=[], attention=attention).tokens   # [2, 5]
+    # the greedy path sits at non-first children: row 0 along nodes 0 -> 2 -> 6 -> 10 (3 kept), row 1 along
+    # 0 -> 2 -> 5 (2 kept: node 5's child 9 is wrong); every other node of depth d carries greedy's token + 1, so
+    # no child of a path node agrees except the planted one
+    depth = tree.node_depth
+    nodes = ((greedy[:, depth] + 1) % 300).astype(np.int32)
+    nodes[:, 0] = greedy[:, 0]
+    nodes[0, [2, 6, 10]] = greedy[0, 1:4]
+    nodes[1, [2, 5]] = greedy[1, 1:3]
+    cap = 128
+    cache = mc.init_cache(cfg, 2, cap, attention="sparse")
+    padded = np.zeros((2, 96), np.int32)
+    for r, p in enumerate(prompts):
+        padded[r, :len(p)] = p
+    _, cache = mc.prefill(params, cfg, jnp.asarray(padded), jnp.asarray(lengths), cache, attention)
+    logits, _, tc = tree_verify_step(params, cfg, jnp.asarray(nodes), cache, tree, attention)
+    n, last, nxt = accept_tree_greedy(logits, jnp.asarray(nodes), tree)
+    assert np.asarray(n).tolist() == [3, 2] and np.asarray(last).tolist() == [10, 5]
+    assert np.asarray(nxt).tolist() == [greedy[0, 4], greedy[1, 3]]
+
+    # every node against the full forward pass over prefix + root path
+    seqs = [list(prompts[r]) + [int(nodes[r, j]) for j in tree.paths[i, :tree.node_depth[i] + 1]]
+            for r in range(2) for i in range(tree.num_nodes)]
+    width = max(map(len, seqs))
+    full = np.array([s + [0] * (width - len(s)) for s in seqs], np.int32)
+    ref = np.asarray(mc.forward(params, cfg, jnp.asarray(full), attention=attention))
+    want = np.stack([ref[j, len(s) - 1] for j, s in enumerate(seqs)]).reshape(2, tree.num_nodes, -1)
+    err = np.abs(np.asarray(logits) - want).max() / np.abs(want).max()
+    print(f"tree step vs full pass ({attention}): max relative error {err:.2e}")
+    assert err < 1e-5
+
+    keep = jnp.asarray(lengths) + n + 1
+    path = jnp.asarray(tree.paths)[last]
+    got = compact_tree_cache(tc, cfg, path, keep)
+    for r in range(2):                                                  # plain decoding, one row at a time
+        kept = [int(nodes[r, j]) for j in tree.paths[int(last[r]), :int(n[r]) + 1]]
+        c1 = mc.init_cache(cfg, 1, cap, attention="sparse")
+        _, c1 = mc.prefill(params, cfg, jnp.asarray(padded[r:r + 1]), jnp.asarray(lengths[r:r + 1]), c1, attention)
+        for tok in kept:
+            _, c1 = mc.decode_step(params, cfg, jnp.asarray([[tok]]), c1, attention)
+        m = int(keep[r])
+        assert int(got.lengths[r]) == int(c1.lengths[0]) == m
+        # (the tree's masked softmax sums in another order than a chain's: float32 noise reaches layer 2's keys)
+        np.testing.assert_allclose(got.k[:, r, :m], c1.k[:, 0, :m], rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(got.v[:, r, :m], c1.v[:, 0, :m], rtol=1e-4, atol=2e-5)
+        np.testing.assert_array_equal(got.sparse.count[:, r], c1.sparse.count[:, 0])
+        for layer in range(cfg.num_hidden_layers):
+            cnt = int(c1.sparse.count[layer, 0])
+            np.testing.assert_allclose(got.sparse.kc[layer, r, :cnt], c1.sparse.kc[layer, 0, :cnt], rtol=1e-5,
+                                       atol=1e-6)
+
+
+# ------------------------------------------------------------------------ the sampling loop keeps p, end to end
+@pytest.mark.parametrize("shape", [dict(k=2), dict(tree=(2, 2))])
+def test_sampling_loop_keeps_the_target_distribution(shape):
+    """4000 rows of one prompt, sampled at temperature 1 through the whole speculative loop (a random draft that is
+    not the target, so drafts are both kept and rejected): the 2nd and 3rd emitted tokens (the first ones the loop
+    itself verifies; the 1st comes from the prefill) follow the target's marginals, computed here from `forward`.
+    Chi-square goodness of fit, cells with expected count < 5 pooled; fails below p = 1e-3 (a correct sampler fails
+    one such test in a thousand)."""
+    v, rows = 16, 4000
+    cfg = mc.ModelConfig.tiny(num_hidden_layers=1, vocab_size=v, sparse_config=None, initializer_range=0.5)
+    params = mc.init_params(cfg, jax.random.key(5))
+    draft = init_draft(cfg, np.arange(v), jax.random.key(6))
+    prompt = [3, 7, 1, 12]
+    out = speculative_generate(params, cfg, draft, [prompt] * rows, 3, temperature=1.0, eos_token_id=[],
+                               attention="dense", rng=jax.random.key(7), **shape)
+    assert 0 < out.accepted.sum() < rows * 2                            # some drafts kept, some rejected
+
+    # the target's own probabilities: p(t1), p(t2 | t1), p(t3 | t1, t2) over all v^2 prefixes
+    prob = lambda ids: np.asarray(jax.nn.softmax(mc.forward(params, cfg, jnp.asarray(ids, jnp.int32))[:, -2:],
+                                                 axis=-1), np.float64)
+    pairs = np.array([prompt + [a, b] for a in range(v) for b in range(v)])
+    p = prob(pairs)                                                     # [v*v, 2, v]
+    p1 = np.asarray(jax.nn.softmax(mc.forward(params, cfg, jnp.asarray([prompt]))[0, -1]), np.float64)
+    p2_given = p[::v, 0]                                                # [v (t1), v]: p(t2 | t1)
+    joint12 = p1[:, None] * p2_given                                    # [t1, t2]
+    marg2 = joint12.sum(0)
+    marg3 = (joint12.reshape(-1, 1) * p[:, 1]).sum(0)                   # p(t3) = sum p(t1, t2) p(t3 | t1, t2)
+
+    for col, want in ((1, marg2), (2, marg3)):
+        counts = np.bincount(out.tokens[:, col], minlength=v).astype(np.float64)
+        exp = want / want.sum() * rows
+        big = exp >= 5
+        obs_c = np.append(counts[big], counts[~big].sum())
+        exp_c = np.append(exp[big], exp[~big].sum())
+        if exp_c[-1] == 0:
+            obs_c, exp_c = obs_c[:-1], exp_c[:-1]
+        pval = stats.chisquare(obs_c, exp_c).pvalue
+        print(f"{shape}: token {col + 1}: chi-square p = {pval:.3f} over {len(obs_c)} cells")
+        assert pval > 1e-3, (col, counts, exp)
