@@ -11,6 +11,12 @@ Per row and step, with the target cache holding positions < L and `cur` (the las
   4. the target cache is cut to L+n+1; the draft cache is cut to L and re-run on the true features
      (F_L..F_{L+n} paired with d_1..d_n, next), which also gives its first proposal for the next step.
 Rows accept different n; finished rows stop changing. Everything runs in one jitted while loop.
+
+With `tree=(b_1, .., b_D)` step 1 drafts a static tree instead (`speculative.tree`): b_1 children of cur, b_2 of
+each of those, ..., the draft layer run once per depth over that depth's nodes (`draft.draft_tree_apply`); step 2
+verifies all nodes in one pass with a tree mask (`tree_step.tree_verify_step`); step 3 keeps a root path
+(`tree_accept`); step 4 compacts that path into contiguous target cache slots (`tree_step.compact_tree_cache`)
+instead of cutting, and re-runs the draft on the path's true features as for a chain.
 """
 
 from __future__ import annotations
