@@ -177,7 +177,6 @@ class Attention(nn.Module):
             return sparse(), sc
         return _select_rows(valid_lengths >= scfg.dense_len, dense, sparse), sc
 
-
     def _attend_tree(self, q, kc, vc, base, sc):
         """Decode of a token tree whose first slot is base [B] (tree_attention.py). The compressed keys are only
         read: the caller compacts the accepted path and extends them once."""

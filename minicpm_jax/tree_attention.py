@@ -114,9 +114,8 @@ def tree_sparse_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, base: 
     rows = lambda x: x.reshape((b * t,) + x.shape[2:])
     kv = [rows(path_views(x, base, layout)) for x in (k, v)]                            # [B*T, S, Hkv, D]
     depth_plus_one = jnp.asarray([len(p) for p in layout.paths], jnp.int32)
-    lengths = rows(base[:, None] + depth_plus_one[None])                                # the query is the view's last key
-    rep = lambda x: None if x is None else jnp.repeat(x, t, axis=0)
-    cc = jax.tree.map(rep, ccache)
+    lengths = rows(base[:, None] + depth_plus_one[None])                  # each query is its view's last key
+    cc = jax.tree.map(lambda x: jnp.repeat(x, t, axis=0), ccache)       # (absent coarse kernels stay None)
     longest = max(len(p) for p in layout.paths)
     cc = sp.update_compressed_cache(cc, kv[0], lengths, cfg, max_new_kernels=longest // cfg.kernel_stride + 1)
     out = sp.infllm_v2_decode(rows(q)[:, None], kv[0], kv[1], lengths, cc, cfg, impl=impl)
