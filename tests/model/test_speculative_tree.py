@@ -11,11 +11,14 @@ from scipy import stats
 
 import minicpm_jax as mc
 from minicpm_jax.kv_cache import truncate_cache
+from minicpm_jax.sparse import SparseConfig, compressed_cache_from_keys
+from minicpm_jax.sparse.reference import dense_causal_reference, infllm_v2_reference
 from minicpm_jax.speculative import init_draft, speculative_generate
 from minicpm_jax.speculative.draft import draft_apply, draft_tree_apply, init_draft_cache
 from minicpm_jax.speculative.tree import Tree
 from minicpm_jax.speculative.tree_accept import accept_tree_greedy
 from minicpm_jax.speculative.tree_step import compact_tree_cache, tree_verify_step
+from minicpm_jax.tree_attention import tree_dense_attention, tree_sparse_attention
 from tests.model.test_speculative import SPARSE, prompts_of, repeat_draft
 
 
@@ -134,6 +137,42 @@ def test_draft_tree_levels_equal_chains(target):
     np.testing.assert_allclose(h1[:, parents - 1], hc[:, :, 0], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(h2, hc[:, :, 1], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(fr2, frc[:, :, 1], rtol=2e-5, atol=2e-4)
+
+
+# ------------------------------------------------------------------------------------------ tree attention
+def test_tree_attention_equals_attention_over_each_root_path():
+    """tree_dense_attention and tree_sparse_attention (reference, xla, pallas in interpret mode) against the
+    InfLLM v2 reference / plain causal attention over each node's own sequence (prefix + root path), built here
+    with numpy; ragged rows, selection active (10 blocks of 16, 5 attended), kernels straddling the tree. The
+    "minicpm4" variant here; the loop tests run the default "minicpm4.1"."""
+    variant = "minicpm4"
+    scfg = SparseConfig(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=3,
+                        dense_len=-1, variant=variant)
+    tree = Tree((2, 2))
+    layout = tree.verify_layout()
+    b, s, hq, hkv, d, n = 2, 176, 4, 2, 32, tree.num_nodes
+    ks = jax.random.split(jax.random.key(8), 3)
+    q = jax.random.normal(ks[0], (b, n, hq, d), jnp.float32)
+    k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32)
+    v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float32)
+    base = np.array([150, 133], np.int32)
+    views_k, views_v, last = np.zeros((b * n, s, hkv, d), np.float32), np.zeros((b * n, s, hkv, d), np.float32), []
+    for r in range(b):
+        for i in range(n):
+            slots = list(range(base[r])) + [base[r] + j for j in tree.paths[i, :tree.node_depth[i] + 1]]
+            views_k[r * n + i, :len(slots)] = np.asarray(k)[r, slots]
+            views_v[r * n + i, :len(slots)] = np.asarray(v)[r, slots]
+            last.append(len(slots) - 1)
+    qr, off = q.reshape(b * n, 1, hq, d), jnp.asarray(last, jnp.int32)
+    want_sparse = np.asarray(infllm_v2_reference(qr, jnp.asarray(views_k), jnp.asarray(views_v), scfg, q_offset=off))
+    want_dense = np.asarray(dense_causal_reference(qr, jnp.asarray(views_k), jnp.asarray(views_v), q_offset=off))
+    got = tree_dense_attention(q, k, v, jnp.asarray(base), layout).reshape(b * n, 1, hq, d)
+    np.testing.assert_allclose(got, want_dense, rtol=1e-5, atol=1e-5)
+    cc = compressed_cache_from_keys(k, jnp.asarray(base), scfg)
+    for impl in ("reference", "xla", "pallas"):
+        got = tree_sparse_attention(q, k, v, jnp.asarray(base), cc, layout, scfg, impl).reshape(b * n, 1, hq, d)
+        np.testing.assert_allclose(got, want_sparse, rtol=1e-5, atol=1e-5, err_msg=impl)
+    assert np.abs(want_sparse - want_dense).max() > 1e-2                # selection dropped some blocks
 
 
 # ------------------------------------------------------------------------------- one tree step against plain decoding
