@@ -32,6 +32,7 @@ from minicpm_jax.kv_cache import write_rows
 from minicpm_jax.layers import MLP, Projection, RMSNorm, dtype_of, hidden_init_std
 from minicpm_jax.rope import apply_rope, rope_cos_sin
 from minicpm_jax.sharding import LOGICAL_RULES, attention_layout, logical_shardings
+from minicpm_jax.tree_attention import TreeLayout, tree_dense_attention, tree_sparse_attention
 
 CACHE_MODES = ("none", "prefill", "decode")
 
@@ -82,11 +83,15 @@ def _unpin(out, layout):
 
 
 class Attention(nn.Module):
-    """GQA self-attention without biases. `attention` picks dense / InfLLM v2 sparse / auto (by KV length)."""
+    """GQA self-attention without biases. `attention` picks dense / InfLLM v2 sparse / auto (by KV length).
+
+    tree: decode steps only; the new tokens are the nodes of a token tree (`tree_attention.TreeLayout`, whose
+    first tree slot is write_start - tree.offset) instead of a chain."""
 
     cfg: ModelConfig
     attention: str = "auto"
     cache_mode: str = "none"
+    tree: Optional[TreeLayout] = None
 
     @nn.compact
     def __call__(self, x, cos, sin, q_slot, segment_ids, layer_cache, write_start, valid_lengths):
@@ -111,6 +116,8 @@ class Attention(nn.Module):
                 out = self._attend_fresh(q, k, v, q_nope, k_nope, q_slot, None, valid_lengths)
                 if sc is not None:
                     sc = sp.compressed_cache_from_keys(kc, valid_lengths, cfg.sparse_config, kc.shape[1])
+            elif self.tree is not None:
+                out = self._attend_tree(q, kc, vc, write_start - self.tree.offset, sc)
             else:
                 out, sc = self._attend_cache(q, kc, vc, q_slot, sc, valid_lengths)
             new_cache = (kc, vc, sc)
@@ -170,6 +177,29 @@ class Attention(nn.Module):
             return sparse(), sc
         return _select_rows(valid_lengths >= scfg.dense_len, dense, sparse), sc
 
+    def _attend_tree(self, q, kc, vc, base, sc):
+        """Decode of a token tree whose first slot is base [B] (tree_attention.py). The compressed keys are only
+        read: the caller compacts the accepted path and extends them once."""
+        cfg, tree = self.cfg, self.tree
+        dense = functools.partial(tree_dense_attention, q, kc, vc, base, tree)
+        if sc is None:
+            if self.attention == "sparse":
+                raise ValueError("sparse decode needs a KVCache built with a compressed-key cache "
+                                 "(init_cache(..., attention='sparse'))")
+            return dense()
+        if self.attention == "dense":
+            return dense()
+        scfg = cfg.sparse_config
+        sparse = functools.partial(tree_sparse_attention, q, kc, vc, base, sc, tree, scfg, cfg.sparse_impl)
+        if self.attention == "sparse" or scfg.always_sparse:
+            return sparse()
+        # "auto": plain decoding of node i runs sparse once its own view (prefix + root path) reaches dense_len
+        view_len = base[:, None] + jnp.asarray([len(p) for p in tree.paths], jnp.int32)[None]
+        use = view_len >= scfg.dense_len                                              # [B, T]
+        mixed = lambda: jnp.where(use[:, :, None, None], sparse(), dense())
+        branch = jnp.where(jnp.all(use), 2, jnp.where(jnp.any(use), 1, 0))
+        return jax.lax.switch(branch, [dense, mixed, sparse])
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm block; each branch is scaled by scale_depth / sqrt(L) before the residual add."""
@@ -177,12 +207,13 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     attention: str = "auto"
     cache_mode: str = "none"
+    tree: Optional[TreeLayout] = None
 
     @nn.compact
     def __call__(self, h, layer_cache, cos, sin, q_slot, segment_ids, write_start, valid_lengths):
         cfg = self.cfg
         alpha = cfg.residual_scale
-        a, new_cache = Attention(cfg, self.attention, self.cache_mode, name="self_attn")(
+        a, new_cache = Attention(cfg, self.attention, self.cache_mode, self.tree, name="self_attn")(
             RMSNorm(cfg, name="input_layernorm")(h), cos, sin, q_slot, segment_ids, layer_cache, write_start,
             valid_lengths)
         h = h + a * alpha
@@ -193,11 +224,14 @@ class DecoderLayer(nn.Module):
 
 
 class MiniCPM(nn.Module):
-    """MiniCPMForCausalLM. Parameter names mirror the HF checkpoint (embed_tokens, layers.*, norm, lm_head)."""
+    """MiniCPMForCausalLM. Parameter names mirror the HF checkpoint (embed_tokens, layers.*, norm, lm_head).
+
+    tree: a decode step over the nodes of a token tree (see `Attention`; speculative tree verification)."""
 
     cfg: ModelConfig
     attention: str = "auto"
     cache_mode: str = "none"
+    tree: Optional[TreeLayout] = None
 
     @nn.compact
     def __call__(self, input_ids, positions, q_slot, segment_ids=None, cache=None, write_start=None,
@@ -222,7 +256,7 @@ class MiniCPM(nn.Module):
                         in_axes=(cache_axis,) + (nn.broadcast,) * 6, length=cfg.num_hidden_layers,
                         unroll=1 if cfg.scan_layers else cfg.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        h, new_cache = stack(cfg, self.attention, self.cache_mode, name="layers")(
+        h, new_cache = stack(cfg, self.attention, self.cache_mode, self.tree, name="layers")(
             h, cache, cos, sin, q_slot, segment_ids, write_start, valid_lengths)
 
         h = RMSNorm(cfg, name="norm")(h)

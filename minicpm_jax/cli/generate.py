@@ -37,7 +37,10 @@ def register(sub) -> None:
                    help="default: the run's model.attention (auto for HF checkpoints and presets)")
     p.add_argument("--draft", default=None,
                    help="an EAGLE draft head directory (minicpm_jax.speculative.hf): decode speculatively (JAX only)")
-    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per target pass")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per target pass (a chain)")
+    p.add_argument("--draft-tree", default=None,
+                   help="comma-separated children per depth, e.g. 4,2,1: the draft proposes a static tree instead of "
+                        "a chain (--draft-tokens is then unused)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -54,6 +57,16 @@ def cmd_generate(args) -> int:
         prompt_ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
     except ValueError:
         raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    draft_tree = None
+    if args.draft_tree is not None:
+        if not args.draft:
+            raise ValueError("--draft-tree needs --draft DIR")
+        try:
+            draft_tree = tuple(int(x) for x in args.draft_tree.split(","))
+        except ValueError:
+            raise ValueError(f"--draft-tree must be comma-separated integers, got {args.draft_tree!r}") from None
+        if any(x < 1 for x in draft_tree):
+            raise ValueError(f"--draft-tree needs at least one child per depth, got {args.draft_tree!r}")
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)   # one check for both
     if args.draft and args.gguf:
         raise ValueError("--draft runs speculative decoding in JAX; it does not apply to --gguf")
@@ -82,7 +95,8 @@ def cmd_generate(args) -> int:
     draft = load_draft_hf(args.draft, cfg) if args.draft else None
     out = mc.generate(params, cfg, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, rng=jax.random.key(args.seed),
-                      attention=args.attention or attention, draft=draft, draft_tokens=args.draft_tokens)
+                      attention=args.attention or attention, draft=draft, draft_tokens=args.draft_tokens,
+                      draft_tree=draft_tree)
     ids = out.sequences()[0]
     if draft is not None:
         passes, kept = int(out.target_passes[0]), int(out.accepted[0])

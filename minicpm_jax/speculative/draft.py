@@ -27,6 +27,7 @@ from minicpm_jax.kv_cache import KVCache, init_cache
 from minicpm_jax.layers import RMSNorm, dtype_of, hidden_init_std
 from minicpm_jax.model import DecoderLayer
 from minicpm_jax.rope import rope_cos_sin
+from minicpm_jax.tree_attention import TreeLayout
 
 
 def draft_layer_config(target: ModelConfig) -> ModelConfig:
@@ -46,11 +47,13 @@ class Draft(NamedTuple):
 
 
 class EagleDraft(nn.Module):
-    """See the module docstring. cfg: the draft layer config; fr_size: N."""
+    """See the module docstring. cfg: the draft layer config; fr_size: N; tree: a decode step over the nodes of one
+    depth of a draft tree (`draft_tree_apply`)."""
 
     cfg: ModelConfig
     fr_size: int
     cache_mode: str = "none"
+    tree: Optional[TreeLayout] = None
 
     @nn.compact
     def __call__(self, feats, next_ids, embedding, positions, cache=None, write_start=None, valid_lengths=None,
@@ -73,7 +76,7 @@ class EagleDraft(nn.Module):
         # the causal mask runs on slots: the cache slots when decoding (= positions), the row index when training
         q_slot = positions if cache is not None else jnp.broadcast_to(
             jnp.arange(positions.shape[1], dtype=jnp.int32), positions.shape)
-        h, new_cache = DecoderLayer(cfg, "dense", self.cache_mode, name="layer")(
+        h, new_cache = DecoderLayer(cfg, "dense", self.cache_mode, self.tree, name="layer")(
             x, layer_cache, cos, sin, q_slot, segment_ids, write_start, valid_lengths)
         head = self.param("fr_head", nn.initializers.normal(cfg.initializer_range), (cfg.hidden_size, self.fr_size),
                           dtype_of(cfg.param_dtype))
@@ -120,6 +123,23 @@ def draft_apply(draft: Draft, embedding, feats, next_ids, cache: Optional[KVCach
         {"params": draft.params}, feats, next_ids, embedding, pos, cache=(cache.k[0], cache.v[0]),
         write_start=start, valid_lengths=start + t)
     return h, logits, cache.replace(k=k[None], v=v[None], lengths=start + t)
+
+
+def draft_tree_apply(draft: Draft, embedding, feats, next_ids, cache: KVCache, tree: TreeLayout, depth: int):
+    """Run the draft over the T nodes of one depth (>= 1) of a draft tree (`speculative.tree.Tree.draft_layout`).
+
+    feats [B,T,H]: each node's parent feature (the draft's prediction there); next_ids int32 [B,T]: the nodes'
+    tokens. The cache holds the pairs before the tree (its length, `base`, is the root's position); the nodes' pairs
+    sit at position base + depth - 1 (they all predict the token after depth `depth`), are written at tree slots
+    base + tree.offset .. and attend the prefix, their ancestors' pairs and themselves. cache.lengths is left at
+    base: tree slots are scratch. Returns (predicted features [B,T,H], FR logits [B,T,N], cache)."""
+    b, t = next_ids.shape
+    base = cache.lengths
+    pos = jnp.broadcast_to(base[:, None] + (depth - 1), (b, t)).astype(jnp.int32)
+    h, logits, (k, v) = EagleDraft(draft.cfg, int(draft.fr_ids.shape[0]), "decode", tree).apply(
+        {"params": draft.params}, feats, next_ids, embedding, pos, cache=(cache.k[0], cache.v[0]),
+        write_start=base + tree.offset, valid_lengths=base + tree.num_slots)
+    return h, logits, cache.replace(k=k[None], v=v[None])
 
 
 def fr_to_vocab(fr_logits: jnp.ndarray, fr_ids: jnp.ndarray, vocab_size: int) -> jnp.ndarray:

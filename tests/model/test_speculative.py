@@ -170,3 +170,12 @@ def test_draft_directory_round_trip_and_cli(target, tmp_path, capsys):
     if cfg.eos_ids:                                  # the CLI stops at the config's EOS; greedy above did not
         want = want[:next((i + 1 for i, t in enumerate(want) if t in cfg.eos_ids), len(want))]
     assert got == want
+    # a static tree instead of a chain: the same tokens
+    assert minicpm(args + ["--draft", str(tmp_path / "draft"), "--draft-tree", "2,1"]) == 0
+    out = capsys.readouterr()
+    assert "tokens per pass" in out.err
+    assert [int(t) for t in out.out.strip().split(",")] == want
+    assert minicpm(args + ["--draft-tree", "2,1"]) == 2                  # needs --draft
+    assert "--draft-tree needs --draft" in capsys.readouterr().err
+    assert minicpm(args + ["--draft", str(tmp_path / "draft"), "--draft-tree", "2,x"]) == 2
+    assert "comma-separated" in capsys.readouterr().err
