@@ -43,13 +43,14 @@ def split_for_backend(params) -> dict:
 
 
 def apply_split(params, cfg: ModelConfig, attention: str, mode: str, tokens, positions, q_slot, cache, write_start,
-                valid_lengths, logits_index, return_hidden: bool):
+                valid_lengths, logits_index, return_hidden: bool, tree=None):
     """`MiniCPM(cfg, attention, mode).apply(...)` with a cache, for split params.
 
     Args:
       params: from `split_layers`. tokens int32 [B, T]; positions / q_slot int32 [B, T].
       cache: (k, v, sparse) with k, v [L, B, S, Hkv, D] and sparse stacked over L (or None).
       write_start, valid_lengths: int32 [B]; logits_index: int32 [B] or None (all T positions).
+      tree: a `TreeLayout` when the T tokens are the nodes of a draft tree (speculative tree verification).
     Returns:
       (float32 logits [B, T', V] or the hidden state [B, T', H] when return_hidden, (k, v, sparse)).
     """
@@ -57,7 +58,7 @@ def apply_split(params, cfg: ModelConfig, attention: str, mode: str, tokens, pos
     k_all, v_all, sc_all = cache
     h = jnp.take(params["embed_tokens"], tokens, axis=0).astype(dtype) * jnp.asarray(cfg.scale_emb, dtype)
     cos, sin = rope_cos_sin(cfg, positions, valid_lengths)
-    layer = DecoderLayer(cfg, attention, mode)
+    layer = DecoderLayer(cfg, attention, mode, tree)
     slots = write_start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]      # [B, T] slots written
     rows = jnp.arange(tokens.shape[0])[:, None]
     new_k, new_v, new_sc = [], [], []

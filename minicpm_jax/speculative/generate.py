@@ -38,6 +38,7 @@ from minicpm_jax.speculative.draft import Draft, draft_apply, draft_tree_apply, 
 from minicpm_jax.speculative.tree import Tree
 from minicpm_jax.speculative.tree_accept import accept_tree_greedy, accept_tree_sampled
 from minicpm_jax.speculative.tree_step import compact_tree_cache, tree_verify_step
+from minicpm_jax.unstacked import split_for_backend
 from minicpm_jax.speculative.verify import accept_greedy, accept_sampled
 
 
@@ -129,6 +130,7 @@ def _speculative(params, draft_params, fr_ids, embedding, tokens, lengths, rng, 
                  pad_id, *, cfg: ModelConfig, draft_cfg: ModelConfig, k: int, tree: Optional[Tree],
                  max_new_tokens: int, capacity: int, attention: str, propose_fn):
     b, t = tokens.shape
+    params = split_for_backend(params)    # once per call, outside the loop (as decode.generate; XLA:CPU)
     draft = Draft(draft_params, fr_ids, draft_cfg)
     tcache = init_cache(cfg, b, capacity, attention)
     logits0, feats, tcache = prefill_with_hidden(params, cfg, tokens, lengths, tcache, attention)

@@ -20,6 +20,7 @@ from minicpm_jax.config import ModelConfig
 from minicpm_jax.kv_cache import KVCache, write_rows
 from minicpm_jax.model import MiniCPM, compute_logits
 from minicpm_jax.speculative.tree import Tree
+from minicpm_jax.unstacked import apply_split, is_split
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tree", "attention"))
@@ -36,10 +37,14 @@ def tree_verify_step(params, cfg: ModelConfig, node_tokens: jnp.ndarray, cache: 
     base = cache.lengths
     pos = base[:, None] + jnp.asarray(tree.node_depth)[None]
     slots = base[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
-    model = MiniCPM(cfg, attention, "decode", tree.verify_layout())
-    hidden, (k, v, sc) = model.apply({"params": params}, node_tokens, pos, slots,
-                                     cache=(cache.k, cache.v, cache.sparse), write_start=base,
-                                     valid_lengths=base + n, kv_len=base + n, return_hidden=True)
+    layers = (cache.k, cache.v, cache.sparse)
+    if is_split(params):                                   # per-layer weights (what decoding runs on CPU)
+        hidden, (k, v, sc) = apply_split(params, cfg, attention, "decode", node_tokens, pos, slots, layers, base,
+                                         base + n, None, True, tree=tree.verify_layout())
+    else:
+        model = MiniCPM(cfg, attention, "decode", tree.verify_layout())
+        hidden, (k, v, sc) = model.apply({"params": params}, node_tokens, pos, slots, cache=layers, write_start=base,
+                                         valid_lengths=base + n, kv_len=base + n, return_hidden=True)
     return compute_logits(params, cfg, hidden), hidden, KVCache(k=k, v=v, lengths=base, sparse=sc)
 
 
