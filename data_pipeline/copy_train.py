@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -58,12 +59,17 @@ def build_item(pool: Sequence[int], spec: CopyTrainSpec, index: int, bos_id: int
             "id": f"{SOURCE}/{spec.seed}/{index}"}
 
 
-def text_pool(tok: Tokenizer, texts: Sequence[str]) -> list[int]:
-    """The sorted distinct ids of `texts` under `tok` (ordinary pieces only: the ids the corpus itself uses)."""
-    ids = {i for ids in tok.encode_batch(list(texts)) for i in ids}
-    if not ids:
+def text_pool(tok: Tokenizer, texts: Sequence[str], size: Optional[int] = None) -> list[int]:
+    """The sorted distinct ids of `texts` under `tok` (ordinary pieces only: the ids the corpus itself uses); with
+    `size`, only the `size` most frequent (ties: the smaller id). A small pool of frequent ids gives each id many
+    copies per step, which shortens the plateau before the model starts to copy."""
+    counts = Counter(i for ids in tok.encode_batch(list(texts)) for i in ids)
+    if not counts:
         raise ValueError("copy-task pool: the texts encode to no token")
-    return sorted(ids)
+    if size is not None and size < 2:
+        raise ValueError(f"copy-task pool: size must be >= 2, got {size}")
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    return sorted(ranked[:size] if size else ranked)
 
 
 def write_records(out_dir: str | Path, tok: Tokenizer, spec: CopyTrainSpec, pool: Sequence[int]) -> dict:

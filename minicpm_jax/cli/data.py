@@ -162,7 +162,7 @@ def cmd_needles(args) -> int:
 def cmd_copies(args) -> int:
     spec = copy_train.CopyTrainSpec(items=args.items, min_span=args.min_span, max_span=args.max_span, seed=args.seed)
     tok = Tokenizer.load(args.tokenizer)
-    s = copy_train.write_records(args.out, tok, spec, copy_train.text_pool(tok, training_sentences()))
+    s = copy_train.write_records(args.out, tok, spec, copy_train.text_pool(tok, training_sentences(), args.pool_size))
     print(f"copy-task records: {s['items']} items, {s['tokens']:,} tokens ({s['loss_tokens']:,} in the loss), ids "
           f"from {s['pool']:,} -> {Path(args.out).resolve() / 'tokens/train'}")
     return 0
@@ -265,6 +265,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=copy_train.CopyTrainSpec.items)
     p.add_argument("--min-span", type=int, default=copy_train.CopyTrainSpec.min_span)
     p.add_argument("--max-span", type=int, default=copy_train.CopyTrainSpec.max_span)
+    p.add_argument("--pool-size", type=int, default=None,
+                   help="draw ids from the N most frequent of the training text (default: every id it uses)")
     p.add_argument("--seed", type=int, default=copy_train.CopyTrainSpec.seed)
     p.set_defaults(func=cmd_copies)
 

@@ -58,8 +58,13 @@ class _Tok:                                    # the builder needs only bos/eos 
 
 def test_pool_and_records_round_trip(tmp_path):
     assert C.text_pool(_Tok, ["ba", "ab c"]) == [32, 97, 98, 99]
+    # counts a:3 b:3 c:1 " ":1 -> the two most frequent; ties broken by the smaller id (" " = 32 before "c" = 99)
+    assert C.text_pool(_Tok, ["ba", "ab c", "a"], size=2) == [97, 98]
+    assert C.text_pool(_Tok, ["ba", "ab c", "a"], size=3) == [32, 97, 98]
     with pytest.raises(ValueError, match="pool"):
         C.text_pool(_Tok, [""])
+    with pytest.raises(ValueError, match="size"):
+        C.text_pool(_Tok, ["ab"], size=1)
     spec = C.CopyTrainSpec(items=7, min_span=2, max_span=4, seed=1)
     s = C.write_records(tmp_path, _Tok, spec, POOL)
     recs = [records.decode_record(r) for r in records.read_shards(sorted((tmp_path / "tokens/train").iterdir()))]
