@@ -74,3 +74,12 @@ def test_pool_and_records_round_trip(tmp_path):
         want = _item(i, spec)
         np.testing.assert_array_equal(np.asarray(r["tokens"]), want["tokens"])
         np.testing.assert_array_equal(np.asarray(r["mask"]), want["mask"])
+
+
+def test_cli_parses_the_spec_fields():
+    from minicpm_jax.cli import build_parser
+
+    a = build_parser().parse_args(["data", "copies", "--tokenizer", "t", "--out", "o", "--items", "9",
+                                   "--min-span", "4", "--max-span", "24", "--pool-size", "512"])
+    assert (a.items, a.min_span, a.max_span, a.pool_size, a.seed) == (9, 4, 24, 512, C.CopyTrainSpec.seed)
+    assert build_parser().parse_args(["data", "copies", "--tokenizer", "t", "--out", "o"]).pool_size is None
