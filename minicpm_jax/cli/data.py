@@ -17,7 +17,8 @@ from data_pipeline.classifier import format_rounds, train_classifier
 from data_pipeline.config import DataConfig
 from data_pipeline.corpus import build_corpus
 from data_pipeline.prepare import format_summary, prepare_data, tokenizer_texts
-from data_pipeline.needle_train import NeedleTrainSpec, write_records
+from data_pipeline import copy_train
+from data_pipeline.needle_train import NeedleTrainSpec, training_sentences, write_records
 from data_pipeline.report import DropReport
 from data_pipeline.scoring import score_files
 from data_pipeline.sft import build_sft
@@ -158,6 +159,15 @@ def cmd_needles(args) -> int:
     return 0
 
 
+def cmd_copies(args) -> int:
+    spec = copy_train.CopyTrainSpec(items=args.items, min_span=args.min_span, max_span=args.max_span, seed=args.seed)
+    tok = Tokenizer.load(args.tokenizer)
+    s = copy_train.write_records(args.out, tok, spec, copy_train.text_pool(tok, training_sentences(), args.pool_size))
+    print(f"copy-task records: {s['items']} items, {s['tokens']:,} tokens ({s['loss_tokens']:,} in the loss), ids "
+          f"from {s['pool']:,} -> {Path(args.out).resolve() / 'tokens/train'}")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     setup_logging()
     p = prepare_data(args.workdir, data_config(args))
@@ -247,6 +257,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-needles", type=int, default=NeedleTrainSpec.max_needles, help="needles = questions per item")
     p.add_argument("--seed", type=int, default=NeedleTrainSpec.seed, help="item namespace (the eval uses its own)")
     p.set_defaults(func=cmd_needles)
+
+    p = sub.add_parser("copies", help="copy-task warm-up records (a random span twice, loss on the second copy): "
+                                      "forms induction heads before needle training")
+    p.add_argument("--tokenizer", required=True, help="the model's tokenizer dir (ids come from its training text)")
+    p.add_argument("--out", required=True, help="output dir (tokens/train/copy_train-*.array_record)")
+    p.add_argument("--items", type=int, default=copy_train.CopyTrainSpec.items)
+    p.add_argument("--min-span", type=int, default=copy_train.CopyTrainSpec.min_span)
+    p.add_argument("--max-span", type=int, default=copy_train.CopyTrainSpec.max_span)
+    p.add_argument("--pool-size", type=int, default=None,
+                   help="draw ids from the N most frequent of the training text (default: every id it uses)")
+    p.add_argument("--seed", type=int, default=copy_train.CopyTrainSpec.seed)
+    p.set_defaults(func=cmd_copies)
 
     p = sub.add_parser("prepare", help="everything the main job needs, cached (what `minicpm train` runs)")
     p.add_argument("--workdir", required=True)

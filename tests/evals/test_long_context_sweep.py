@@ -56,7 +56,7 @@ def test_same_data_and_a_long_enough_window(arms):
     names = {m.name: m for m in a.data.mixture}
     assert set(names) == {"corpus", "needles"}
     assert any("needle-train" in s for s in names["needles"].sources) and names["needles"].min_score == 0.0
-    assert a.train.init_from == "runs/tiny"
+    assert a.train.init_from == "runs/retrieval_short_tiny"      # stage 2 of the curriculum, for every arm
 
 
 def test_points_need_overrides(tmp_path):
@@ -68,3 +68,17 @@ def test_points_need_overrides(tmp_path):
     both.write_text("base: tiny\ngrid: {train.steps: [1]}\npoints:\n  a: [train.steps=1]\n")
     with pytest.raises(ValueError, match="either"):
         load_sweep(both)
+
+
+def test_curriculum_stages_chain(arms):
+    """Stage 1 (copy task) -> stage 2 (short needles) -> stage 3 (every arm): each starts from the one before, all
+    dense until stage 3, and stage 2 keeps the copy records in its mixture."""
+    warm, short = load_config("retrieval_warmup_tiny", []), load_config("retrieval_short_tiny", [])
+    assert warm.train.init_from == "runs/tiny"
+    assert short.train.init_from == "runs/" + warm.name
+    assert {a.train.init_from for a in arms.values()} == {"runs/" + short.name}
+    assert warm.model.attention == short.model.attention == "dense"
+    for cfg, names in ((warm, {"corpus", "copies"}), (short, {"corpus", "copies", "needles"})):
+        assert {m.name for m in cfg.data.mixture} == names
+        assert all(m.min_score == 0.0 for m in cfg.data.mixture if m.name != "corpus")
+    assert any("copy-train" in s for m in short.data.mixture if m.name == "copies" for s in m.sources)

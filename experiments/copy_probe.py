@@ -1,0 +1,47 @@
+"""Stage-1 check of the retrieval curriculum: does a run copy? Scores held-out copy items (their own seed) with the
+run's own attention, at one or more span ranges (longer spans = copying from further back).
+
+    python experiments/copy_probe.py runs/retrieval_warmup_tiny --pool-size 512 --spans 4:24,16:48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax.numpy as jnp
+
+from data_pipeline import copy_train
+from data_pipeline.needle_train import training_sentences
+from minicpm_jax.evals import copy_score
+from minicpm_jax.model import forward
+from minicpm_jax.weights import load_weights
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--pool-size", type=int, default=None, help="as `minicpm data copies --pool-size` (the run's)")
+    p.add_argument("--spans", default="4:24", help="comma-separated MIN:MAX span ranges")
+    p.add_argument("--items", type=int, default=32)
+    p.add_argument("--seed", type=int, default=99, help="item namespace (training records use 1)")
+    args = p.parse_args(argv)
+    w = load_weights(args.run, step=args.step)
+    pool = copy_train.text_pool(w.tokenizer, training_sentences(), args.pool_size)
+    out = {"run": args.run, "step": w.step, "pool": len(pool)}
+    for rng in args.spans.split(","):
+        lo, hi = (int(x) for x in rng.split(":"))
+        spec = copy_train.CopyTrainSpec(items=args.items, min_span=lo, max_span=hi, seed=args.seed)
+        items = [copy_train.build_item(pool, spec, i, w.tokenizer.bos_id, w.tokenizer.eos_id)
+                 for i in range(args.items)]
+        ids, mask = copy_score.batch_items(items)
+        logits = forward(w.params, w.cfg, jnp.asarray(ids), attention="dense")
+        out[rng] = copy_score.score(logits, ids, mask)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
