@@ -16,7 +16,7 @@ token included), target passes per generated token, tokens/s speculative vs plai
 (greedy, no EOS stop, prefill included on both sides, compile excluded, median of `reps` rounds that
 time both sides in alternation, so both see the same load), and the draft head's
 output-layer FLOPs per drafted token (2 * hidden * N, against 2 * hidden * V for a full-vocabulary head). Chain rows
-draft k tokens; tree rows (`speculative_generate(tree=...)`) print "n/a" until tree drafting is available.
+draft k tokens; tree rows draft a static tree (`speculative_generate(tree=...)`).
 
 Also, per target and dtype: the plain decode step's achieved fraction of the machine's read bandwidth, measured as
 `sparse.machine_peaks` does (a jitted jnp.sum over 1 GiB, more than the last-level cache) in alternation with the
@@ -28,7 +28,6 @@ cached tokens) / median step time / bandwidth, for the split per-layer weights d
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import time
 from pathlib import Path
@@ -85,11 +84,6 @@ def fr_sizes(vocab_size: int, fractions: Sequence[float] = FR_FRACTIONS) -> list
     if any(not 0 < x <= 1 for x in fractions):
         raise ValueError(f"fr fractions must lie in (0, 1], got {list(fractions)}")
     return [max(1, int(round(vocab_size * x))) for x in fractions]
-
-
-def tree_available() -> bool:
-    """Whether `speculative_generate` takes a static draft tree (`tree=`)."""
-    return "tree" in inspect.signature(speculative_generate).parameters
 
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -219,9 +213,6 @@ def measure_spec_row(row: SpecRow, params, split_params, cfg: ModelConfig, draft
     # both sides get the weights already split per layer (what each call would otherwise split first on CPU), so
     # neither pays the one-off split inside the timed call
     plain = lambda: mc.generate(split_params, cfg, prompts, new_tokens, eos_token_id=[])
-    if tree is not None and not tree_available():
-        row.note = "; ".join(x for x in ("n/a (tree drafting not available)", row.note) if x)
-        return row
     kw = dict(k=k) if tree is None else dict(tree=tuple(tree))
     spec = lambda: speculative_generate(split_params, cfg, draft, prompts, new_tokens, eos_token_id=[], **kw)
     (t_plain, t_spec), (res_plain, res) = interleaved_times([plain, spec], reps)
