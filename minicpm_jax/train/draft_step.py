@@ -15,23 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipeline.pipeline import make_train_iterator
-from minicpm_jax.attention_plan import AttentionPlan, plan_attention
+from minicpm_jax.attention_plan import plan_attention
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.speculative.draft import draft_layer_config, init_draft
 from minicpm_jax.speculative.frspec import count_tokens, frequent_ids
 from minicpm_jax.train.draft_loss import make_draft_eval_step, make_draft_train_step
 from minicpm_jax.train.metrics import matmul_params, train_flops_per_token
 from minicpm_jax.train.optimizer import make_optimizer
-from minicpm_jax.train.step import BATCH_KEYS, TrainState, abstract_state, batch_sharding, check_batch_layout
+from minicpm_jax.train.step import BATCH_KEYS, StepSetup, abstract_state, batch_sharding, check_batch_layout
 
 
 def draft_vocabulary(exp, prepared, cfg: ModelConfig) -> np.ndarray:
@@ -61,47 +60,23 @@ def draft_flops_per_token(cfg: ModelConfig, fr_size: int, seq_len: int) -> float
 
 
 @dataclasses.dataclass
-class DraftStepSetup:
-    """`StepSetup`'s interface for a draft run (what `train.loop` uses), plus the frozen target and the FR ids.
+class DraftStepSetup(StepSetup):
+    """`StepSetup` for a draft run: `cfg` is the target's, `plan` the target's attention for its features, the state
+    is the draft's; plus the draft layer's config, the frozen target and the FR ids.
 
     train_step(state, batch) -> (state, metrics); eval_step(draft_params, batch) -> {"loss_sum", "target_tokens",
     "feature_loss_sum", "token_loss_sum", "fr_top1_sum"}: the target is bound in."""
 
-    cfg: ModelConfig                  # the target's
-    draft_cfg: ModelConfig
-    mesh: Any
-    plan: AttentionPlan               # the target's attention for its features
-    batch_shape: tuple[int, int]
-    abstract_params: Any
-    tx: optax.GradientTransformation
-    schedule: Callable
-    state_shardings: TrainState
-    batch_sharding: NamedSharding
-    train_step: Callable
-    eval_step: Callable
-    flops_per_token: float
-    target_params: Any
-    fr_ids: np.ndarray
+    draft_cfg: Optional[ModelConfig] = None
+    target_params: Any = None
+    fr_ids: Optional[np.ndarray] = None
     head_from_target: bool = True
-
-    def flops_per_step(self, dense_rows=None) -> float:
-        b, t = self.batch_shape
-        return self.flops_per_token * b * t
-
-    def abstract_state(self) -> TrainState:
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state(self.abstract_params, self.tx), self.state_shardings)
 
     def init_params(self, seed: int):
         """A fresh draft head (the FR head from the target's head at the FR ids with `draft.head_from_target`)."""
         d = init_draft(self.cfg, self.fr_ids, jax.random.key(seed),
                        self.target_params if self.head_from_target else None)
         return jax.device_put(d.params, self.state_shardings.params)
-
-    def init_state(self, params) -> TrainState:
-        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-        return TrainState(step=jax.device_put(jnp.int32(0), self.state_shardings.step), params=params,
-                          opt_state=opt_state)
 
 
 def build_draft_step(exp, cfg: ModelConfig, mesh, batch_shape: tuple[int, int], target_params,
@@ -130,10 +105,11 @@ def build_draft_step(exp, cfg: ModelConfig, mesh, batch_shape: tuple[int, int], 
                     in_shardings=(st_sh, tp_sh, batch_sh), out_shardings=(st_sh, replicated), donate_argnums=(0,))
     evaluate = jax.jit(make_draft_eval_step(cfg, dcfg, fr, **weights), in_shardings=(st_sh.params, tp_sh, batch_sh),
                        out_shardings=replicated)
+    flops = draft_flops_per_token(cfg, int(fr_ids.size), batch_shape[1])
     return DraftStepSetup(
-        cfg=cfg, draft_cfg=dcfg, mesh=mesh, plan=plan, batch_shape=tuple(batch_shape), abstract_params=ap, tx=tx,
+        cfg=cfg, mesh=mesh, plan=plan, batch_shape=tuple(batch_shape), abstract_params=ap, tx=tx,
         schedule=schedule, state_shardings=st_sh, batch_sharding=bsh,
         train_step=lambda state, batch: train(state, target_params, batch),
         eval_step=lambda params, batch: evaluate(params, target_params, batch),
-        flops_per_token=draft_flops_per_token(cfg, int(fr_ids.size), batch_shape[1]), target_params=target_params,
+        flops_per_token=flops, dense_flops_per_token=flops, draft_cfg=dcfg, target_params=target_params,
         fr_ids=fr_ids, head_from_target=exp.draft.head_from_target)
