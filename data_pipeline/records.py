@@ -63,10 +63,18 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
-def write_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG at `path` (parents created), atomically; the caller closes the figure."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+def write_figure(fig, path: str | Path, dpi: int = 110, title: str | None = None) -> Path:
+    """Finish a matplotlib figure (`title` as its suptitle, tight layout), save it as PNG at `path` (parents created)
+    atomically, and close it. Returns the path."""
+    import matplotlib.pyplot as plt        # plotting is optional at import time: only figure writers pay for it
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
     return Path(path)
 
 

@@ -96,10 +96,7 @@ def histogram_png(scores: dict[str, np.ndarray], labels: dict[str, Optional[str]
     ax.set_ylabel("documents")
     ax.set_yscale("log")
     ax.legend()
-    fig.tight_layout()
-    records.write_figure(fig, out, dpi=110)
-    plt.close(fig)
-    return out
+    return records.write_figure(fig, out, dpi=110)
 
 
 def stats(path: str | Path, png: Optional[str | Path] = None, threshold: Optional[float] = None) -> str:

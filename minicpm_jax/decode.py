@@ -59,12 +59,16 @@ def prefill(params, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarray,
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
 def decode_step(params, cfg: ModelConfig, tokens: jnp.ndarray, cache: KVCache, attention: str = "auto"):
     """Append tokens [B, T] (usually T = 1) at each row's current length; returns (logits [B, T, V], cache)."""
-    b, t = tokens.shape
+    return _append(params, cfg, tokens, cache, attention, return_hidden=False)
+
+
+def _append(params, cfg, tokens, cache: KVCache, attention, return_hidden):
+    """The model over tokens [B, T] written at each row's cache length: (logits or hidden [B, T, .], cache)."""
+    t = tokens.shape[1]
     start = cache.lengths
     slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    logits, cache = _apply_with_cache(params, cfg, attention, "decode", tokens, slots, slots, cache, start, start + t,
-                                      None)
-    return logits, cache
+    return _apply_with_cache(params, cfg, attention, "decode", tokens, slots, slots, cache, start, start + t, None,
+                             return_hidden=return_hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
@@ -85,11 +89,7 @@ def prefill_with_hidden(params, cfg: ModelConfig, tokens: jnp.ndarray, lengths: 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"), donate_argnames=("cache",))
 def decode_step_with_hidden(params, cfg: ModelConfig, tokens: jnp.ndarray, cache: KVCache, attention: str = "auto"):
     """`decode_step` that also returns the final hidden states: (logits [B, T, V], hidden [B, T, H], cache)."""
-    b, t = tokens.shape
-    start = cache.lengths
-    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    hidden, cache = _apply_with_cache(params, cfg, attention, "decode", tokens, slots, slots, cache, start, start + t,
-                                      None, return_hidden=True)
+    hidden, cache = _append(params, cfg, tokens, cache, attention, return_hidden=True)
     return compute_logits(params, cfg, hidden), hidden, cache
 
 

@@ -210,12 +210,7 @@ def plot(rows: list[dict], out: str | Path, title: str = "") -> Path:
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("RMS of layer output")
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    write_figure(fig, out, dpi=90)
-    plt.close(fig)
-    return Path(out)
+    return write_figure(fig, out, dpi=90, title=title)
 
 
 def run(widths: Sequence[int] = (128, 256, 512, 1024, 2048), *, layers: int = 2, batch: int = 2, seq: int = 64,

@@ -160,12 +160,7 @@ def plot(points: list[dict], out: str | Path, title: str = "") -> Path:
             ax.set_ylim(lo - 0.04 * (hi - lo), hi + 0.04 * (hi - lo))
     axes[0][0].set_ylabel("final held-out loss")
     axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    write_figure(fig, out, dpi=90)
-    plt.close(fig)
-    return Path(out)
+    return write_figure(fig, out, dpi=90, title=title)
 
 
 def run(sweep_dir: str | Path = "runs/sweeps/mup_transfer", out: Optional[str | Path] = None) -> str:

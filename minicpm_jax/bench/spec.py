@@ -206,7 +206,7 @@ class SpecRow:
     note: str = ""
 
 
-def measure_spec_row(row: SpecRow, params, split_params, cfg: ModelConfig, draft: Draft, prompts, new_tokens: int,
+def measure_spec_row(row: SpecRow, split_params, cfg: ModelConfig, draft: Draft, prompts, new_tokens: int,
                      k: int, tree: Optional[tuple], reps: int) -> SpecRow:
     """Fill `row`: speculative decoding (a chain of k when tree is None) and plain greedy `generate` on `prompts`,
     timed in alternation (prefill included on both sides, compile excluded)."""
@@ -325,7 +325,7 @@ def run(run_dir: str = "runs/tiny", data_dir: Optional[str] = None, targets: Seq
             for tr in trees:
                 r = SpecRow(target, f"chain k={k}" if tr is None else f"tree {tr}", n, cfg.vocab_size,
                             cfg.hidden_size, note=note)
-                rows.append(measure_spec_row(r, params, split, cfg, draft, prompts, n_new, k, tr, reps))
+                rows.append(measure_spec_row(r, split, cfg, draft, prompts, n_new, k, tr, reps))
                 log(format_table(rows[-1:])[-1])
     out += ["", f"speculative vs plain generate (prompt {prompt_len} tokens; tiny: {new_tokens} new tokens, 0.5b: "
                 f"{big_new_tokens}); accept len = tokens per target pass, bonus token included:", ""]

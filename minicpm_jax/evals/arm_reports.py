@@ -110,9 +110,4 @@ def plot(reports: Mapping[str, dict], path: str | Path, tasks: tuple[str, ...] =
                 ax.set_xlabel("needle depth", fontsize=7)
             if j == 0:
                 ax.set_ylabel("context tokens", fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    write_figure(fig, path, dpi=80)
-    plt.close(fig)
-    return Path(path)
+    return write_figure(fig, path, dpi=80, title=title)

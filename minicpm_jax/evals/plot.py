@@ -42,11 +42,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
         ax.set_xticks(range(len(names)), [f"{k}\n{bars[k]['metric']}" for k in names], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title("tasks")
-    fig.suptitle(report.get("model", {}).get("model_source", ""), fontsize=9)
-    fig.tight_layout()
-    write_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return write_figure(fig, path, dpi=110, title=report.get("model", {}).get("model_source", ""))
 
 
 def plot_comparison(comp: dict, path: str | Path) -> Path:
@@ -87,7 +83,4 @@ def plot_comparison(comp: dict, path: str | Path) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     ax.set_title("reference: " + comp["reference"], fontsize=9)
-    fig.tight_layout()
-    write_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return write_figure(fig, path, dpi=110)

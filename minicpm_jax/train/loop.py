@@ -109,7 +109,7 @@ def eval_loss(eval_fn, params, it, batches: int, sharding: NamedSharding, global
         m = to_python(eval_fn(params, to_global(local, sharding, global_shape)))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
-    tot, n = sums.pop("loss_sum", 0.0), max(sums.pop("target_tokens", 0.0), 0.0)
+    tot, n = sums.pop("loss_sum", 0.0), sums.pop("target_tokens", 0.0)
     loss = tot / max(n, 1.0)
     extra = {k[:-4]: v / max(n, 1.0) for k, v in sums.items() if k.endswith("_sum")}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n, "loss_sum": tot, **extra}

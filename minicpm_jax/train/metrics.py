@@ -121,10 +121,7 @@ def plot_losses(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    write_figure(fig, out, dpi=120)
-    plt.close(fig)
-    return out
+    return write_figure(fig, out, dpi=120)
 
 
 def to_python(tree) -> dict:

@@ -175,10 +175,7 @@ def plot_sweep(spec: dict, points: list[dict], out: Path) -> Path:
     ax.set_title(f"sweep {spec['name']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    write_figure(fig, out, dpi=120)
-    plt.close(fig)
-    return out
+    return write_figure(fig, out, dpi=120)
 
 
 def run_sweep(path: str | Path, *, emit_commands: bool = False, launcher: str = "", extra: Sequence[str] = ()):

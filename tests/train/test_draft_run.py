@@ -130,4 +130,4 @@ def test_config_errors_name_the_field(extra, message):
 def test_shipped_config_points_at_the_tiny_run():
     exp = load_config(REPO / "experiments/configs/eagle_draft.yaml")
     assert exp.draft.target == "runs/tiny" and exp.data.tokenizer.path == "runs/tiny/tokenizer"
-    assert jax.tree.leaves(exp.export.gguf_qtypes) == []
+    assert exp.export.gguf_qtypes == ()
