@@ -2,6 +2,10 @@
 run's own attention, at one or more span ranges (longer spans = copying from further back).
 
     python experiments/copy_probe.py runs/retrieval_warmup_tiny --pool-size 512 --spans 4:24,16:48
+    python experiments/copy_probe.py runs/retrieval_warmup_tiny --pool-size 512 --spans 8:24:64:192   # with a gap
+
+A range MIN:MAX copies spans of MIN..MAX tokens back to back; MIN:MAX:GMIN:GMAX puts GMIN..GMAX filler tokens
+between the copies (copying from further back than the span length: only a content match does that).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("run")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--pool-size", type=int, default=None, help="as `minicpm data copies --pool-size` (the run's)")
-    p.add_argument("--spans", default="4:24", help="comma-separated MIN:MAX span ranges")
+    p.add_argument("--spans", default="4:24", help="comma-separated MIN:MAX[:GMIN:GMAX] span (and gap) ranges")
     p.add_argument("--items", type=int, default=32)
     p.add_argument("--seed", type=int, default=99, help="item namespace (training records use 1)")
     args = p.parse_args(argv)
@@ -32,10 +36,16 @@ def main(argv=None) -> int:
     pool = copy_train.text_pool(w.tokenizer, training_sentences(), args.pool_size)
     out = {"run": args.run, "step": w.step, "pool": len(pool)}
     for rng in args.spans.split(","):
-        lo, hi = (int(x) for x in rng.split(":"))
-        spec = copy_train.CopyTrainSpec(items=args.items, min_span=lo, max_span=hi, seed=args.seed)
+        parts = rng.split(":")
+        if len(parts) not in (2, 4) or not all(x.isdigit() for x in parts):
+            raise SystemExit(f"--spans: {rng!r} is not MIN:MAX or MIN:MAX:GMIN:GMAX")
+        lo, hi, glo, ghi = [int(x) for x in parts] + [0, 0] * (len(parts) == 2)
+        spec = copy_train.CopyTrainSpec(items=args.items, min_span=lo, max_span=hi, seed=args.seed, min_gap=glo,
+                                        max_gap=ghi)
         items = [copy_train.build_item(pool, spec, i, w.tokenizer.bos_id, w.tokenizer.eos_id)
                  for i in range(args.items)]
+        for it in items:          # score the copied ids only: the final EOS needs no copying, and a model that
+            it["mask"][-1] = 0    # predicts it would otherwise score top-1 ~ 1/span without copying anything
         ids, mask = copy_score.batch_items(items)
         logits = forward(w.params, w.cfg, jnp.asarray(ids), attention="dense")
         out[rng] = copy_score.score(logits, ids, mask)

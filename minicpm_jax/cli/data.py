@@ -160,7 +160,8 @@ def cmd_needles(args) -> int:
 
 
 def cmd_copies(args) -> int:
-    spec = copy_train.CopyTrainSpec(items=args.items, min_span=args.min_span, max_span=args.max_span, seed=args.seed)
+    spec = copy_train.CopyTrainSpec(items=args.items, min_span=args.min_span, max_span=args.max_span, seed=args.seed,
+                                    min_gap=args.min_gap, max_gap=args.max_gap)
     tok = Tokenizer.load(args.tokenizer)
     s = copy_train.write_records(args.out, tok, spec, copy_train.text_pool(tok, training_sentences(), args.pool_size))
     print(f"copy-task records: {s['items']} items, {s['tokens']:,} tokens ({s['loss_tokens']:,} in the loss), ids "
@@ -268,6 +269,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=int, default=None,
                    help="draw ids from the N most frequent of the training text (default: every id it uses)")
     p.add_argument("--seed", type=int, default=copy_train.CopyTrainSpec.seed)
+    p.add_argument("--min-gap", type=int, default=copy_train.CopyTrainSpec.min_gap,
+                   help="filler tokens between the copies, at least (the copy distance is then not the span length)")
+    p.add_argument("--max-gap", type=int, default=copy_train.CopyTrainSpec.max_gap)
     p.set_defaults(func=cmd_copies)
 
     p = sub.add_parser("prepare", help="everything the main job needs, cached (what `minicpm train` runs)")

@@ -32,6 +32,23 @@ def test_layout_and_mask():
         assert m == [0] * (n + 2) + [1] * (n - 1) + [1]
 
 
+def test_gap_puts_filler_between_the_copies_and_keeps_it_out_of_the_loss():
+    spec = C.CopyTrainSpec(items=40, min_span=3, max_span=6, min_gap=2, max_gap=11, seed=7)
+    gaps = set()
+    for i in range(spec.items):
+        it = _item(i, spec)
+        t, m, n, g = it["tokens"].tolist(), it["mask"].tolist(), it["span"], it["gap"]
+        gaps.add(g)
+        assert spec.min_gap <= g <= spec.max_gap and len(t) == len(m) == 2 * n + g + 2
+        assert t[1:1 + n] == t[1 + n + g:1 + 2 * n + g] and t[-1] == 2   # the span, filler, the span again
+        assert set(t[1 + n:1 + n + g]) <= set(POOL)
+        assert m == [0] * (n + g + 2) + [1] * n                           # filler and first copy: no loss
+    assert len(gaps) > 3                                                   # the copy distance varies
+    assert [_item(i)["gap"] for i in range(5)] == [0] * 5                   # no gap by default
+    with pytest.raises(ValueError, match="min_gap"):
+        C.CopyTrainSpec(min_gap=5, max_gap=2)
+
+
 def test_deterministic_and_seeded():
     a = [_item(i)["tokens"] for i in range(5)]
     b = [_item(i)["tokens"] for i in range(5)]
@@ -80,6 +97,7 @@ def test_cli_parses_the_spec_fields():
     from minicpm_jax.cli import build_parser
 
     a = build_parser().parse_args(["data", "copies", "--tokenizer", "t", "--out", "o", "--items", "9",
-                                   "--min-span", "4", "--max-span", "24", "--pool-size", "512"])
+                                   "--min-span", "4", "--max-span", "24", "--pool-size", "512", "--max-gap", "96"])
     assert (a.items, a.min_span, a.max_span, a.pool_size, a.seed) == (9, 4, 24, 512, C.CopyTrainSpec.seed)
+    assert (a.min_gap, a.max_gap) == (0, 96)
     assert build_parser().parse_args(["data", "copies", "--tokenizer", "t", "--out", "o"]).pool_size is None

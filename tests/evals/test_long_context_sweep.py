@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from minicpm_jax.config import ModelConfig
 from minicpm_jax.train.config import load_config
 from minicpm_jax.train.sweep import expand, load_sweep
 
@@ -71,14 +72,19 @@ def test_points_need_overrides(tmp_path):
 
 
 def test_curriculum_stages_chain(arms):
-    """Stage 1 (copy task) -> stage 2 (short needles) -> stage 3 (every arm): each starts from the one before, all
-    dense until stage 3, and stage 2 keeps the copy records in its mixture."""
-    warm, short = load_config("retrieval_warmup_tiny", []), load_config("retrieval_short_tiny", [])
+    """Stage 1 (copy task) -> 1b (copies across a gap, rope_theta raised) -> stage 2 (short needles) -> stage 3
+    (every arm): each starts from the one before, all dense until stage 3, stage 1b overrides only rope_theta, and
+    stage 2 keeps the gap-copy records in its mixture."""
+    warm, gap, short = (load_config(n, []) for n in ("retrieval_warmup_tiny", "retrieval_gap_tiny",
+                                                     "retrieval_short_tiny"))
     assert warm.train.init_from == "runs/tiny"
-    assert short.train.init_from == "runs/" + warm.name
+    assert gap.train.init_from == "runs/" + warm.name and gap.train.init_from_override == ("rope_theta",)
+    assert gap.model.rope_theta == 1e6 > ModelConfig.tiny().rope_theta and warm.model.rope_theta is None
+    assert short.train.init_from == "runs/" + gap.name
     assert {a.train.init_from for a in arms.values()} == {"runs/" + short.name}
-    assert warm.model.attention == short.model.attention == "dense"
-    for cfg, names in ((warm, {"corpus", "copies"}), (short, {"corpus", "copies", "needles"})):
+    assert warm.model.attention == gap.model.attention == short.model.attention == "dense"
+    for cfg, names in ((warm, {"corpus", "copies"}), (gap, {"corpus", "near", "mid", "far"}),
+                       (short, {"corpus", "copies", "needles"})):
         assert {m.name for m in cfg.data.mixture} == names
         assert all(m.min_score == 0.0 for m in cfg.data.mixture if m.name != "corpus")
-    assert any("copy-train" in s for m in short.data.mixture if m.name == "copies" for s in m.sources)
+    assert any("copy-gap96" in s for m in short.data.mixture if m.name == "copies" for s in m.sources)
