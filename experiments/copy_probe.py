@@ -44,8 +44,6 @@ def main(argv=None) -> int:
                                         max_gap=ghi)
         items = [copy_train.build_item(pool, spec, i, w.tokenizer.bos_id, w.tokenizer.eos_id)
                  for i in range(args.items)]
-        for it in items:          # score the copied ids only: the final EOS needs no copying, and a model that
-            it["mask"][-1] = 0    # predicts it would otherwise score top-1 ~ 1/span without copying anything
         ids, mask = copy_score.batch_items(items)
         logits = forward(w.params, w.cfg, jnp.asarray(ids), attention="dense")
         out[rng] = copy_score.score(logits, ids, mask)

@@ -11,9 +11,11 @@ import pytest
 from minicpm_jax.evals import copy_score
 
 
-def test_batch_items_pads_right():
-    ids, mask = copy_score.batch_items([{"tokens": [1, 5, 6], "mask": [0, 0, 1]}, {"tokens": [1, 7], "mask": [0, 1]}])
-    assert ids.tolist() == [[1, 5, 6], [1, 7, 0]] and mask.tolist() == [[0, 0, 1], [0, 1, 0]]
+def test_batch_items_pads_right_and_leaves_the_eos_out():
+    items = [{"tokens": [1, 5, 6, 5, 6, 2], "mask": [0, 0, 0, 0, 1, 1]}, {"tokens": [1, 7, 7, 2], "mask": [0, 0, 0, 1]}]
+    ids, mask = copy_score.batch_items(items)
+    assert ids.tolist() == [[1, 5, 6, 5, 6, 2], [1, 7, 7, 2, 0, 0]]
+    assert mask.tolist() == [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0]]       # the copied 6 only; no EOS, no padding
 
 
 def test_score_by_hand():
