@@ -6,6 +6,8 @@ run's own attention, at one or more span ranges (longer spans = copying from fur
 
 A range MIN:MAX copies spans of MIN..MAX tokens back to back; MIN:MAX:GMIN:GMAX puts GMIN..GMAX filler tokens
 between the copies (copying from further back than the span length: only a content match does that).
+`--filler text` makes the gap running prose instead of random ids, and `--lead MIN:MAX` puts MIN..MAX filler tokens
+before the first copy (so it does not sit right after the BOS): together, a needle's setting.
 """
 
 from __future__ import annotations
@@ -31,18 +33,27 @@ def main(argv=None) -> int:
     p.add_argument("--spans", default="4:24", help="comma-separated MIN:MAX[:GMIN:GMAX] span (and gap) ranges")
     p.add_argument("--items", type=int, default=32)
     p.add_argument("--seed", type=int, default=99, help="item namespace (training records use 1)")
+    p.add_argument("--filler", choices=copy_train.FILLERS, default="ids", help="the gap: random ids or prose")
+    p.add_argument("--span-chars", default=None, help="spans from these characters (as `minicpm data copies`)")
+    p.add_argument("--lead", default="0:0", help="MIN:MAX filler tokens before the first copy")
     args = p.parse_args(argv)
+    lead = args.lead.split(":")
+    if len(lead) != 2 or not all(x.isdigit() for x in lead):
+        raise SystemExit(f"--lead: {args.lead!r} is not MIN:MAX")
     w = load_weights(args.run, step=args.step)
-    pool = copy_train.text_pool(w.tokenizer, training_sentences(), args.pool_size)
-    out = {"run": args.run, "step": w.step, "pool": len(pool)}
+    pool = (copy_train.char_pool(w.tokenizer, args.span_chars) if args.span_chars
+            else copy_train.text_pool(w.tokenizer, training_sentences(), args.pool_size))
+    text_ids = copy_train.running_text(w.tokenizer, training_sentences()) if args.filler == "text" else None
+    out = {"run": args.run, "step": w.step, "pool": len(pool), "filler": args.filler, "lead": args.lead}
     for rng in args.spans.split(","):
         parts = rng.split(":")
         if len(parts) not in (2, 4) or not all(x.isdigit() for x in parts):
             raise SystemExit(f"--spans: {rng!r} is not MIN:MAX or MIN:MAX:GMIN:GMAX")
         lo, hi, glo, ghi = [int(x) for x in parts] + [0, 0] * (len(parts) == 2)
         spec = copy_train.CopyTrainSpec(items=args.items, min_span=lo, max_span=hi, seed=args.seed, min_gap=glo,
-                                        max_gap=ghi)
-        items = [copy_train.build_item(pool, spec, i, w.tokenizer.bos_id, w.tokenizer.eos_id)
+                                        max_gap=ghi, filler=args.filler,
+                                        min_lead=int(lead[0]), max_lead=int(lead[1]))
+        items = [copy_train.build_item(pool, spec, i, w.tokenizer.bos_id, w.tokenizer.eos_id, text_ids)
                  for i in range(args.items)]
         ids, mask = copy_score.batch_items(items)
         logits = forward(w.params, w.cfg, jnp.asarray(ids), attention="dense")

@@ -161,9 +161,14 @@ def cmd_needles(args) -> int:
 
 def cmd_copies(args) -> int:
     spec = copy_train.CopyTrainSpec(items=args.items, min_span=args.min_span, max_span=args.max_span, seed=args.seed,
-                                    min_gap=args.min_gap, max_gap=args.max_gap)
+                                    min_gap=args.min_gap, max_gap=args.max_gap, filler=args.filler,
+                                    min_lead=args.min_lead, max_lead=args.max_lead)
     tok = Tokenizer.load(args.tokenizer)
-    s = copy_train.write_records(args.out, tok, spec, copy_train.text_pool(tok, training_sentences(), args.pool_size))
+    sentences = training_sentences()
+    text_ids = copy_train.running_text(tok, sentences) if spec.filler == "text" else None
+    pool = (copy_train.char_pool(tok, args.span_chars) if args.span_chars
+            else copy_train.text_pool(tok, sentences, args.pool_size))
+    s = copy_train.write_records(args.out, tok, spec, pool, text_ids)
     print(f"copy-task records: {s['items']} items, {s['tokens']:,} tokens ({s['loss_tokens']:,} in the loss), ids "
           f"from {s['pool']:,} -> {Path(args.out).resolve() / 'tokens/train'}")
     return 0
@@ -268,10 +273,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-span", type=int, default=copy_train.CopyTrainSpec.max_span)
     p.add_argument("--pool-size", type=int, default=None,
                    help="draw ids from the N most frequent of the training text (default: every id it uses)")
+    p.add_argument("--span-chars", default=None,
+                   help="draw ids from these characters instead (each one token), e.g. 0123456789: spans that "
+                        "repeat symbols, like a needle's number")
     p.add_argument("--seed", type=int, default=copy_train.CopyTrainSpec.seed)
     p.add_argument("--min-gap", type=int, default=copy_train.CopyTrainSpec.min_gap,
                    help="filler tokens between the copies, at least (the copy distance is then not the span length)")
     p.add_argument("--max-gap", type=int, default=copy_train.CopyTrainSpec.max_gap)
+    p.add_argument("--min-lead", type=int, default=copy_train.CopyTrainSpec.min_lead,
+                   help="filler tokens before the first copy, at least (so it does not always follow the BOS)")
+    p.add_argument("--max-lead", type=int, default=copy_train.CopyTrainSpec.max_lead)
+    p.add_argument("--filler", choices=copy_train.FILLERS, default=copy_train.CopyTrainSpec.filler,
+                   help="the gap: random pool ids, or running training text (prose around the copies, as a needle's)")
     p.set_defaults(func=cmd_copies)
 
     p = sub.add_parser("prepare", help="everything the main job needs, cached (what `minicpm train` runs)")

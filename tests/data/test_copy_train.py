@@ -49,6 +49,53 @@ def test_gap_puts_filler_between_the_copies_and_keeps_it_out_of_the_loss():
         C.CopyTrainSpec(min_gap=5, max_gap=2)
 
 
+def _is_window(seq, text):
+    return len(seq) > 0 and seq == list(range(seq[0], seq[0] + len(seq))) and seq[0] >= text[0] \
+        and seq[-1] <= text[-1]
+
+
+def test_text_filler_and_lead_are_windows_of_the_running_text():
+    text = list(range(1000, 1400))                 # distinct ids outside the pool: a window is identifiable
+    spec = C.CopyTrainSpec(items=40, min_span=3, max_span=6, min_gap=5, max_gap=30, min_lead=1, max_lead=20,
+                           seed=3, filler="text")
+    starts, leads = set(), set()
+    for i in range(spec.items):
+        it = C.build_item(POOL, spec, i, bos_id=1, eos_id=2, text_ids=text)
+        t, m, n, g, ld = it["tokens"].tolist(), it["mask"].tolist(), it["span"], it["gap"], it["lead"]
+        assert len(t) == len(m) == ld + 2 * n + g + 2 and t[0] == 1 and t[-1] == 2
+        lead, first = t[1:1 + ld], t[1 + ld:1 + ld + n]
+        gap, second = t[1 + ld + n:1 + ld + n + g], t[1 + ld + n + g:-1]
+        assert spec.min_gap <= g <= spec.max_gap and spec.min_lead <= ld <= spec.max_lead
+        assert _is_window(gap, text) and _is_window(lead, text)        # contiguous running text, both fillers
+        assert set(first) <= set(POOL) and first == second
+        assert m == [0] * (ld + n + g + 2) + [1] * n                    # lead, copy, gap: no loss
+        starts.add(gap[0])
+        leads.add(ld)
+    assert len(starts) > 20 and len(leads) > 5    # windows from all over the text; the first copy moves
+    again = C.build_item(POOL, spec, 4, bos_id=1, eos_id=2, text_ids=text)["tokens"]
+    np.testing.assert_array_equal(again, C.build_item(POOL, spec, 4, 1, 2, text_ids=text)["tokens"])
+    with pytest.raises(ValueError, match="30 text ids, got 20"):
+        C.build_item(POOL, spec, 0, bos_id=1, eos_id=2, text_ids=text[:20])     # too little text for the gap
+    with pytest.raises(ValueError, match="filler"):
+        C.CopyTrainSpec(filler="prose")
+    with pytest.raises(ValueError, match="min_lead"):
+        C.CopyTrainSpec(min_lead=3, max_lead=1)
+    assert C.running_text(_Tok, ["ab", "c"]).tolist() == [32, 97, 98, 32, 99]
+
+
+def test_lead_of_random_ids_and_no_lead_by_default():
+    spec = C.CopyTrainSpec(items=20, min_span=3, max_span=6, max_gap=4, max_lead=9, seed=8)
+    its = [_item(i, spec) for i in range(spec.items)]
+    assert {it["lead"] for it in its} - {0} and all(set(it["tokens"][1:-1].tolist()) <= set(POOL) for it in its)
+    assert [_item(i)["lead"] for i in range(5)] == [0] * 5
+    # items without a lead are unchanged by the option's existence (no rng draw): the gap-only records still match
+    gap_only = C.CopyTrainSpec(items=5, min_span=3, max_span=6, max_gap=4, seed=8)
+    for i in range(5):
+        a, b = _item(i, gap_only), _item(i, spec)
+        n, g = a["span"], a["gap"]
+        assert (b["span"], b["gap"]) == (n, g) and b["tokens"][1 + b["lead"]:].tolist() == a["tokens"][1:].tolist()
+
+
 def test_deterministic_and_seeded():
     a = [_item(i)["tokens"] for i in range(5)]
     b = [_item(i)["tokens"] for i in range(5)]
@@ -65,12 +112,16 @@ def test_spec_errors_name_the_field():
         C.CopyTrainSpec(items=0)
 
 
-class _Tok:                                    # the builder needs only bos/eos ids and encode_batch
+class _Tok:                                    # the builder needs only bos/eos ids, encode and encode_batch
     bos_id, eos_id = 1, 2
 
     @staticmethod
-    def encode_batch(texts):
-        return [[ord(ch) for ch in s] for s in texts]
+    def encode(s):
+        return [ord(ch) for ch in s]
+
+    @classmethod
+    def encode_batch(cls, texts):
+        return [cls.encode(s) for s in texts]
 
 
 def test_pool_and_records_round_trip(tmp_path):
@@ -99,5 +150,30 @@ def test_cli_parses_the_spec_fields():
     a = build_parser().parse_args(["data", "copies", "--tokenizer", "t", "--out", "o", "--items", "9",
                                    "--min-span", "4", "--max-span", "24", "--pool-size", "512", "--max-gap", "96"])
     assert (a.items, a.min_span, a.max_span, a.pool_size, a.seed) == (9, 4, 24, 512, C.CopyTrainSpec.seed)
-    assert (a.min_gap, a.max_gap) == (0, 96)
+    assert (a.min_gap, a.max_gap, a.filler) == (0, 96, "ids")
+    assert build_parser().parse_args(["data", "copies", "--tokenizer", "t", "--out", "o", "--filler",
+                                      "text", "--max-lead", "7"]).max_lead == 7
     assert build_parser().parse_args(["data", "copies", "--tokenizer", "t", "--out", "o"]).pool_size is None
+
+
+def test_char_pool_takes_single_token_characters_only():
+    assert C.char_pool(_Tok, "0120") == [48, 49, 50]               # one id per distinct character, sorted
+
+    class _Merging(_Tok):                                          # "x" is two tokens under this tokenizer
+        @staticmethod
+        def encode(s):
+            return [7, 8] if s == "x" else [ord(ch) for ch in s]
+
+    with pytest.raises(ValueError, match="'x' encodes to 2 tokens"):
+        C.char_pool(_Merging, "0x")
+    with pytest.raises(ValueError, match="2 distinct"):
+        C.char_pool(_Tok, "11")
+    spec = C.CopyTrainSpec(items=10, min_span=5, max_span=9, seed=2)
+    digits = C.char_pool(_Tok, "0123456789")
+    spans = [_item_from(digits, spec, i) for i in range(spec.items)]
+    assert all(set(s) <= set(digits) for s in spans) and any(len(set(s)) < len(s) for s in spans)   # repeats
+
+
+def _item_from(pool, spec, i):
+    it = C.build_item(pool, spec, i, bos_id=1, eos_id=2)
+    return it["tokens"][1:1 + it["span"]].tolist()
