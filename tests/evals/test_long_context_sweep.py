@@ -72,19 +72,28 @@ def test_points_need_overrides(tmp_path):
 
 
 def test_curriculum_stages_chain(arms):
-    """Stage 1 (copy task) -> 1b (copies across a gap, rope_theta raised) -> stage 2 (short needles) -> stage 3
-    (every arm): each starts from the one before, all dense until stage 3, stage 1b overrides only rope_theta, and
-    stage 2 keeps the gap-copy records in its mixture."""
-    warm, gap, short = (load_config(n, []) for n in ("retrieval_warmup_tiny", "retrieval_gap_tiny",
-                                                     "retrieval_short_tiny"))
+    """Stage 1 (copy task) -> 1b (copies across a gap, rope_theta raised) -> 1c (copies from far back) -> 1d
+    (copies inside prose, digit spans) -> stage 2 (short needles) -> stage 3 (every arm): each starts from the one
+    before, all dense until stage 3, stage 1b overrides only rope_theta (the later stages inherit it), 1c-2 carry
+    the Adam moments on, and stage 2 keeps the prose and digit copies in its mixture."""
+    warm, gap, far, prose, short = (load_config(n, []) for n in (
+        "retrieval_warmup_tiny", "retrieval_gap_tiny", "retrieval_far_tiny", "retrieval_prose_tiny",
+        "retrieval_short_tiny"))
     assert warm.train.init_from == "runs/tiny"
     assert gap.train.init_from == "runs/" + warm.name and gap.train.init_from_override == ("rope_theta",)
     assert gap.model.rope_theta == 1e6 > ModelConfig.tiny().rope_theta and warm.model.rope_theta is None
-    assert short.train.init_from == "runs/" + gap.name
+    assert far.train.init_from == "runs/" + gap.name and prose.train.init_from == "runs/" + far.name
+    assert short.train.init_from == "runs/" + prose.name
+    for cfg in (far, prose, short):
+        assert cfg.train.init_from_optimizer and cfg.train.init_from_override == ()
+        assert cfg.model.rope_theta is None                       # 1e6 comes from stage 1b's run
+    assert far.optim.decay_steps == prose.optim.decay_steps == 0  # the next stage continues at the peak lr
     assert {a.train.init_from for a in arms.values()} == {"runs/" + short.name}
-    assert warm.model.attention == gap.model.attention == short.model.attention == "dense"
+    assert {c.model.attention for c in (warm, gap, far, prose, short)} == {"dense"}
     for cfg, names in ((warm, {"corpus", "copies"}), (gap, {"corpus", "near", "mid", "far"}),
+                       (far, {"corpus", "near", "far"}), (prose, {"corpus", "far", "prose", "digits"}),
                        (short, {"corpus", "copies", "needles"})):
         assert {m.name for m in cfg.data.mixture} == names
         assert all(m.min_score == 0.0 for m in cfg.data.mixture if m.name != "corpus")
-    assert any("copy-gap96" in s for m in short.data.mixture if m.name == "copies" for s in m.sources)
+    copies = [s for m in short.data.mixture if m.name == "copies" for s in m.sources]
+    assert any("copy-digits" in s for s in copies) and any("copy-prose" in s for s in copies)
