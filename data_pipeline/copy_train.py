@@ -11,9 +11,10 @@ span lengths it saw and never copy by content (measured: copying 4-24-token span
 makes the distance unpredictable, so only a content match (an induction head) lowers the loss. Filler of random
 ids (`filler="ids"`) is not enough on its own: a model trained only on it copies across 256-480 random ids (top-1
 0.92) yet not across 16-48 tokens of prose (0.04, measured), the setting of a needle. `filler="text"` takes the gap
-from running corpus text instead (a window of the training text's ids at a random offset). Nor is a first copy
-that always follows the BOS: a model trained so copies 0.69 across 16-480 tokens of prose but 0.05 once prose
-precedes the first copy too (measured), so `min_lead..max_lead` filler tokens (of the same kind) go before it:
+from running corpus text instead (a window of the training text's ids at a random offset). A first copy that
+always follows the BOS is a shortcut too: a model trained so copies 0.69 across 16-480 tokens of prose, but 0.05
+once prose precedes the first copy as well (measured). So `min_lead..max_lead` filler tokens (of the same kind)
+go before it:
 
     <BOS> l l ... l  a b c ... z  f f ... f  a b c ... z <EOS>
 
