@@ -117,9 +117,15 @@ def text_pool(tok: Tokenizer, texts: Sequence[str], size: Optional[int] = None) 
     return sorted(ranked[:size] if size else ranked)
 
 
-def running_text(tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
-    """int32 [N]: `texts` encoded and joined, each preceded by a space (as sentences run on in prose)."""
-    return np.asarray([i for ids in tok.encode_batch([" " + t for t in texts]) for i in ids], np.int32)
+def running_text(tok: Tokenizer, texts: Sequence[str], paragraph: int = 0) -> np.ndarray:
+    """int32 [N]: `texts` encoded and joined, each preceded by a space (as sentences run on in prose); with
+    `paragraph` = k > 0, every k-th one starts a new line instead. Newlines matter: a model whose copy records had
+    none copied at 0.56-0.62 in spaced prose but 0.19-0.38 where a needle template's newlines surround it."""
+    if paragraph < 0:
+        raise ValueError(f"running text: paragraph must be >= 0, got {paragraph}")
+    seps = ["\n" if paragraph and j % paragraph == 0 else " " for j in range(len(texts))]
+    return np.asarray([i for ids in tok.encode_batch([sep + t for sep, t in zip(seps, texts)]) for i in ids],
+                      np.int32)
 
 
 def char_pool(tok: Tokenizer, chars: str) -> list[int]:

@@ -165,7 +165,7 @@ def cmd_copies(args) -> int:
                                     min_lead=args.min_lead, max_lead=args.max_lead)
     tok = Tokenizer.load(args.tokenizer)
     sentences = training_sentences()
-    text_ids = copy_train.running_text(tok, sentences) if spec.filler == "text" else None
+    text_ids = copy_train.running_text(tok, sentences, args.paragraph) if spec.filler == "text" else None
     pool = (copy_train.char_pool(tok, args.span_chars) if args.span_chars
             else copy_train.text_pool(tok, sentences, args.pool_size))
     s = copy_train.write_records(args.out, tok, spec, pool, text_ids)
@@ -283,6 +283,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-lead", type=int, default=copy_train.CopyTrainSpec.min_lead,
                    help="filler tokens before the first copy, at least (so it does not always follow the BOS)")
     p.add_argument("--max-lead", type=int, default=copy_train.CopyTrainSpec.max_lead)
+    p.add_argument("--paragraph", type=int, default=0,
+                   help="with --filler text: start a new line every N sentences (0: one running line)")
     p.add_argument("--filler", choices=copy_train.FILLERS, default=copy_train.CopyTrainSpec.filler,
                    help="the gap: random pool ids, or running training text (prose around the copies, as a needle's)")
     p.set_defaults(func=cmd_copies)

@@ -81,6 +81,9 @@ def test_text_filler_and_lead_are_windows_of_the_running_text():
     with pytest.raises(ValueError, match="min_lead"):
         C.CopyTrainSpec(min_lead=3, max_lead=1)
     assert C.running_text(_Tok, ["ab", "c"]).tolist() == [32, 97, 98, 32, 99]
+    assert C.running_text(_Tok, ["a", "b", "c"], paragraph=2).tolist() == [10, 97, 32, 98, 10, 99]   # "\n" = 10
+    with pytest.raises(ValueError, match="paragraph"):
+        C.running_text(_Tok, ["a"], paragraph=-1)
 
 
 def test_lead_of_random_ids_and_no_lead_by_default():
