@@ -59,6 +59,8 @@ class CopyTrainSpec:
     filler: str = "ids"
     min_lead: int = 0
     max_lead: int = 0
+    paragraph: int = 0
+    span_chars: Optional[str] = None
 
     def __post_init__(self):
         if self.items < 1:
@@ -71,6 +73,9 @@ class CopyTrainSpec:
             raise ValueError(f"CopyTrainSpec: 0 <= min_lead <= max_lead (got {self.min_lead}, {self.max_lead})")
         if self.filler not in FILLERS:
             raise ValueError(f"CopyTrainSpec.filler must be one of {FILLERS}, got {self.filler!r}")
+        if self.paragraph < 0 or (self.paragraph and self.filler != "text"):
+            raise ValueError(f"CopyTrainSpec.paragraph must be >= 0 and needs filler='text' (got {self.paragraph}, "
+                             f"filler={self.filler!r})")
 
 
 def build_item(pool: Sequence[int], spec: CopyTrainSpec, index: int, bos_id: int, eos_id: int,
@@ -141,6 +146,14 @@ def char_pool(tok: Tokenizer, chars: str) -> list[int]:
     if len(ids) < 2:
         raise ValueError(f"copy-task span chars: need at least 2 distinct characters, got {chars!r}")
     return sorted(set(ids.values()))
+
+
+def item_inputs(tok: Tokenizer, texts: Sequence[str], spec: CopyTrainSpec,
+                pool_size: Optional[int] = None) -> tuple[list[int], Optional[np.ndarray]]:
+    """(pool, text_ids) for `build_item`: the span ids (spec.span_chars, else the `pool_size` most frequent ids of
+    `texts`) and, for filler="text", the running text (with spec.paragraph line breaks)."""
+    pool = char_pool(tok, spec.span_chars) if spec.span_chars else text_pool(tok, texts, pool_size)
+    return pool, (running_text(tok, texts, spec.paragraph) if spec.filler == "text" else None)
 
 
 def write_records(out_dir: str | Path, tok: Tokenizer, spec: CopyTrainSpec, pool: Sequence[int],

@@ -36,15 +36,14 @@ def main(argv=None) -> int:
     p.add_argument("--filler", choices=copy_train.FILLERS, default="ids", help="the gap: random ids or prose")
     p.add_argument("--span-chars", default=None, help="spans from these characters (as `minicpm data copies`)")
     p.add_argument("--lead", default="0:0", help="MIN:MAX filler tokens before the first copy")
+    p.add_argument("--paragraph", type=int, default=0, help="with --filler text: a new line every N sentences")
     args = p.parse_args(argv)
     lead = args.lead.split(":")
     if len(lead) != 2 or not all(x.isdigit() for x in lead):
         raise SystemExit(f"--lead: {args.lead!r} is not MIN:MAX")
     w = load_weights(args.run, step=args.step)
-    pool = (copy_train.char_pool(w.tokenizer, args.span_chars) if args.span_chars
-            else copy_train.text_pool(w.tokenizer, training_sentences(), args.pool_size))
-    text_ids = copy_train.running_text(w.tokenizer, training_sentences()) if args.filler == "text" else None
-    out = {"run": args.run, "step": w.step, "pool": len(pool), "filler": args.filler, "lead": args.lead}
+    pool = text_ids = None
+    out = {"run": args.run, "step": w.step, "filler": args.filler, "lead": args.lead, "paragraph": args.paragraph}
     for rng in args.spans.split(","):
         parts = rng.split(":")
         if len(parts) not in (2, 4) or not all(x.isdigit() for x in parts):
@@ -52,7 +51,11 @@ def main(argv=None) -> int:
         lo, hi, glo, ghi = [int(x) for x in parts] + [0, 0] * (len(parts) == 2)
         spec = copy_train.CopyTrainSpec(items=args.items, min_span=lo, max_span=hi, seed=args.seed, min_gap=glo,
                                         max_gap=ghi, filler=args.filler,
-                                        min_lead=int(lead[0]), max_lead=int(lead[1]))
+                                        min_lead=int(lead[0]), max_lead=int(lead[1]), paragraph=args.paragraph,
+                                        span_chars=args.span_chars)
+        if pool is None:        # the same for every range: built once
+            pool, text_ids = copy_train.item_inputs(w.tokenizer, training_sentences(), spec, args.pool_size)
+            out["pool"] = len(pool)
         items = [copy_train.build_item(pool, spec, i, w.tokenizer.bos_id, w.tokenizer.eos_id, text_ids)
                  for i in range(args.items)]
         ids, mask = copy_score.batch_items(items)

@@ -162,12 +162,10 @@ def cmd_needles(args) -> int:
 def cmd_copies(args) -> int:
     spec = copy_train.CopyTrainSpec(items=args.items, min_span=args.min_span, max_span=args.max_span, seed=args.seed,
                                     min_gap=args.min_gap, max_gap=args.max_gap, filler=args.filler,
-                                    min_lead=args.min_lead, max_lead=args.max_lead)
+                                    min_lead=args.min_lead, max_lead=args.max_lead, paragraph=args.paragraph,
+                                    span_chars=args.span_chars)
     tok = Tokenizer.load(args.tokenizer)
-    sentences = training_sentences()
-    text_ids = copy_train.running_text(tok, sentences, args.paragraph) if spec.filler == "text" else None
-    pool = (copy_train.char_pool(tok, args.span_chars) if args.span_chars
-            else copy_train.text_pool(tok, sentences, args.pool_size))
+    pool, text_ids = copy_train.item_inputs(tok, training_sentences(), spec, args.pool_size)
     s = copy_train.write_records(args.out, tok, spec, pool, text_ids)
     print(f"copy-task records: {s['items']} items, {s['tokens']:,} tokens ({s['loss_tokens']:,} in the loss), ids "
           f"from {s['pool']:,} -> {Path(args.out).resolve() / 'tokens/train'}")

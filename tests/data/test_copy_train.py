@@ -84,6 +84,11 @@ def test_text_filler_and_lead_are_windows_of_the_running_text():
     assert C.running_text(_Tok, ["a", "b", "c"], paragraph=2).tolist() == [10, 97, 32, 98, 10, 99]   # "\n" = 10
     with pytest.raises(ValueError, match="paragraph"):
         C.running_text(_Tok, ["a"], paragraph=-1)
+    with pytest.raises(ValueError, match="needs filler='text'"):
+        C.CopyTrainSpec(paragraph=3)                     # line breaks only make sense in a prose filler
+    pool, ids = C.item_inputs(_Tok, ["a", "b", "c"], C.CopyTrainSpec(filler="text", paragraph=2, span_chars="01"))
+    assert pool == [48, 49] and ids.tolist() == [10, 97, 32, 98, 10, 99]
+    assert C.item_inputs(_Tok, ["ba", "ab c"], C.CopyTrainSpec()) == ([32, 97, 98, 99], None)
 
 
 def test_lead_of_random_ids_and_no_lead_by_default():
@@ -155,7 +160,7 @@ def test_cli_parses_the_spec_fields():
     assert (a.items, a.min_span, a.max_span, a.pool_size, a.seed) == (9, 4, 24, 512, C.CopyTrainSpec.seed)
     assert (a.min_gap, a.max_gap, a.filler) == (0, 96, "ids")
     assert build_parser().parse_args(["data", "copies", "--tokenizer", "t", "--out", "o", "--filler",
-                                      "text", "--max-lead", "7"]).max_lead == 7
+                                      "text", "--max-lead", "7", "--paragraph", "3"]).paragraph == 3
     assert build_parser().parse_args(["data", "copies", "--tokenizer", "t", "--out", "o"]).pool_size is None
 
 
