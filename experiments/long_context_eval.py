@@ -7,7 +7,7 @@
 Each arm (a run directory under --sweep-dir) is scored by `minicpm eval` with its own attention (the run's
 model.attention: dense, or InfLLM v2 with the run's variant) on the held-out needle tasks, one `minicpm eval` per
 --grid group; the reports land in <arm>/eval/group-<g>/report.json (with the items and predictions), the
-comparison in <sweep-dir>/comparison.md, comparison.json and comparison.png. The held-out loss is the run's own
+comparison in <sweep-dir>/comparison.md (accuracy, then the digit diagnostics), comparison.json and comparison.png. The held-out loss is the run's own
 final eval (its eval sources at 2048 tokens, the same batches for every arm, with the arm's attention);
 `--heldout-batches N` scores every eval source with `minicpm eval` instead (slow on CPU: 12 sources x N batches).
 `--start RUN` also scores the arms' common starting checkpoint on the same grid (its own attention), as the first
@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         reports[name] = arm_reports.merge(parts)                  # "000_dense" -> "dense"
         if name != "start":
             losses[name] = final_metrics(arm)["eval_loss"]
-    md = arm_reports.table(reports, tasks, losses=losses)
+    md = (arm_reports.table(reports, tasks, losses=losses) + "\n\nPartial credit, leading digits right (of 7) / "
+          "digits in place (chance 0.11 / 0.10):\n\n" + arm_reports.digits_table(reports, tasks))
     (out / "comparison.md").write_text(md + "\n")
     (out / "comparison.json").write_text(json.dumps(
         {"eval_seconds": seconds, "final_eval_loss": losses, "reports": reports}, indent=1) + "\n")

@@ -33,6 +33,13 @@ def merge(reports: list[dict]) -> dict:
                               "grid": {k: v for p in parts for k, v in p["grid"].items()},
                               "by_length": {k: v for p in parts for k, v in p["by_length"].items()},
                               "seconds": sum(p.get("seconds", 0) for p in parts)}
+        if all("digits_by_length" in p for p in parts):        # reports from before the digit diagnostics lack it
+            out["tasks"][name].update(
+                leading_digits=pooled("leading_digits"), digits_in_place=pooled("digits_in_place"),
+                digits_by_length={k: v for p in parts for k, v in p["digits_by_length"].items()})
+        else:                                                   # not pooled over every part: leave them out
+            for key in ("leading_digits", "digits_in_place", "digits_by_length"):
+                out["tasks"][name].pop(key, None)
         out["tasks"][name].pop("by_depth", None)       # depths differ between the parts
     return out
 
@@ -74,6 +81,23 @@ def table(reports: Mapping[str, dict], tasks: tuple[str, ...] = ("niah_en", "nia
         f = task.get("floor_first_number")
         floor += [("—" if f is None else f"{f:.2f}") + f" / {random_floor({'distractors': d}):.2f}"] * len(lengths)
     lines.append("| " + " | ".join(floor + [""]) + " |")
+    return "\n".join(lines)
+
+
+def digits_table(reports: Mapping[str, dict], tasks: tuple[str, ...] = ("niah_en", "niah_en_multikey")) -> str:
+    """Markdown: per run, task and length, the partial-credit diagnostics of `needle_score` as "leading digits right
+    (of 7) / fraction of digits in place" (chance: 0.11 / 0.10); "—" where a report has none."""
+    lengths = sorted({int(n) for r in reports.values() for t in tasks if t in r["tasks"]
+                      for n in r["tasks"][t]["by_length"]})
+    cols = ["run"] + [f"{t} @ {n}" for t in tasks for n in lengths]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, r in reports.items():
+        cells = [name]
+        for t in tasks:
+            by_len = {int(k): v for k, v in r["tasks"].get(t, {}).get("digits_by_length", {}).items()}
+            cells += [f"{by_len[n]['leading_digits']:.2f} / {by_len[n]['digits_in_place']:.2f}" if n in by_len
+                      else "—" for n in lengths]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -166,7 +166,10 @@ def format_table(report: dict) -> str:
         for length, acc in r.get("by_length", {}).items():
             if "grid" in r:
                 depths = " ".join(f"{acc_d:.2f}" for acc_d in r["grid"][length].values())
-                lines.append(f"| {name} @ {length} | accuracy (by depth: {depths}) | {acc:.4f} | | |")
+                d = r.get("digits_by_length", {}).get(length)
+                digits = "" if d is None else (f"; digits: {d['leading_digits']:.2f} leading, "
+                                               f"{d['digits_in_place']:.2f} in place")
+                lines.append(f"| {name} @ {length} | accuracy (by depth: {depths}{digits}) | {acc:.4f} | | |")
             else:
                 lines.append(f"| {name} @ {length} | score | {acc:.4f} | | |")
     return "\n".join(lines)

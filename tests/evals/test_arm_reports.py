@@ -66,3 +66,25 @@ def test_merge_pools_items_over_length_groups():
     assert abs(k["value"] - 2 / 6) < 1e-12 and abs(k["floor_first_number"] - 1.0 / 6) < 1e-12
     with pytest.raises(ValueError, match="two reports"):
         arm_reports.merge([a, a])
+
+
+def test_digit_diagnostics_pool_over_groups_and_tabulate():
+    def part(length, n, lead, place):
+        return {"tasks": {"niah_en": {"kind": "needle", "value": 0.0, "n": n, "by_length": {length: 0.0},
+                                      "grid": {length: {0.5: 0.0}}, "floor_first_number": 1.0, "seconds": 1.0,
+                                      "leading_digits": lead, "digits_in_place": place,
+                                      "digits_by_length": {length: {"leading_digits": lead,
+                                                                    "digits_in_place": place}}}}}
+    m = arm_reports.merge([part(2048, 3, 2.0, 0.5), part(8192, 1, 6.0, 0.9)])["tasks"]["niah_en"]
+    assert m["leading_digits"] == pytest.approx(3.0) and m["digits_in_place"] == pytest.approx(0.6)
+    assert m["digits_by_length"] == {2048: {"leading_digits": 2.0, "digits_in_place": 0.5},
+                                     8192: {"leading_digits": 6.0, "digits_in_place": 0.9}}
+    md = arm_reports.digits_table({"dense": {"tasks": {"niah_en": m}}}, ("niah_en",))
+    assert md.splitlines()[0] == "| run | niah_en @ 2048 | niah_en @ 8192 |"
+    assert md.splitlines()[2] == "| dense | 2.00 / 0.50 | 6.00 / 0.90 |"
+    old = part(4096, 1, 1.0, 0.1)["tasks"]["niah_en"]            # a part without the diagnostics: none pooled
+    for key in ("leading_digits", "digits_in_place", "digits_by_length"):
+        del old[key]
+    mixed = arm_reports.merge([part(2048, 3, 2.0, 0.5), {"tasks": {"niah_en": old}}])["tasks"]["niah_en"]
+    assert "leading_digits" not in mixed and "digits_by_length" not in mixed
+    assert "| dense | — | — |" in arm_reports.digits_table({"dense": {"tasks": {"niah_en": mixed}}}, ("niah_en",))

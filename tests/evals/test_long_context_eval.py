@@ -40,7 +40,9 @@ def calls(monkeypatch):
         seen.append((run.name, arg("--lengths"), arg("--depths"), arg("--samples"), arg("--tasks")))
         acc = ACC[run.name]
         task = {"kind": "needle", "value": acc, "n": 4 * len(lengths), "floor_first_number": 0.0, "seconds": 1.0,
-                "by_length": {str(n): acc for n in lengths}, "grid": {str(n): {"0.5": acc} for n in lengths}}
+                "by_length": {str(n): acc for n in lengths}, "grid": {str(n): {"0.5": acc} for n in lengths},
+                "leading_digits": 7 * acc, "digits_in_place": acc,
+                "digits_by_length": {str(n): {"leading_digits": 7 * acc, "digits_in_place": acc} for n in lengths}}
         report = Path(arg("--report"))
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps({"model": str(run), "tasks": {t: task for t in arg("--tasks").split(",")}}))
@@ -63,10 +65,12 @@ def test_start_row_first_then_the_arms_with_their_own_losses(tmp_path, calls):
     assert {c[2:] for c in calls} == {("0.5", "2", "niah_en"), ("0.5", "1", "niah_en")}
     assert (sweep / "start-eval" / "group-1" / "report.json").is_file()
     assert (sweep / "000_dense" / "eval" / "group-0" / "report.json").is_file()
-    rows = [line for line in (sweep / "comparison.md").read_text().splitlines() if line.startswith("| ")][1:]
+    md = (sweep / "comparison.md").read_text()
+    rows = [line for line in md.split("Partial credit")[0].splitlines() if line.startswith("| ")][1:]
     assert rows[0].startswith("| start | — | 0.75 | 0.75 | 0.75 |")             # no loss: its eval was not at 2K
     assert rows[1].startswith("| dense | 4.5000 | 0.50 | 0.50 | 0.50 |")
     assert rows[2].startswith("| sparse_minicpm4 | 4.2500 | 0.25 | 0.25 | 0.25 |")
+    assert "| dense | 3.50 / 0.50 | 3.50 / 0.50 | 3.50 / 0.50 |" in md.split("Partial credit")[1]
     summary = json.loads((sweep / "comparison.json").read_text())
     assert summary["final_eval_loss"] == {"dense": 4.5, "sparse_minicpm4": 4.25}
     assert list(summary["reports"]) == ["start", "dense", "sparse_minicpm4"]

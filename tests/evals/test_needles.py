@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from minicpm_jax.evals import haystack, needle_score
+from minicpm_jax.evals import haystack, needle_score, suite
 from minicpm_jax.evals.needles import TEMPLATES, NeedleSpec, build_items, read_jsonl, write_jsonl
 
 SPECS = [NeedleSpec(lang="en", lengths=(256, 1024, 3000), depths=(0.0, 0.3, 0.5, 1.0), samples=2),
@@ -108,6 +108,23 @@ def test_scorer(built):
         assert greedy["accuracy"] == 0.0
     with pytest.raises(ValueError, match="items but"):
         needle_score.score(items, [])
+    assert oracle["leading_digits"] == 7 and oracle["digits_in_place"] == 1.0
+    assert half["leading_digits"] == pytest.approx(7 * half["accuracy"])       # "no idea": no digits at all
+
+
+def test_digit_diagnostics_say_where_a_wrong_answer_went_wrong():
+    # the failure seen in the tiny model: a wrong start, then the needle's tail copied in place
+    assert needle_score.digit_match("2181950", " 1891950.") == (0, pytest.approx(4 / 7))
+    assert needle_score.digit_match("5050600", " 5050606.") == (6, pytest.approx(6 / 7))
+    assert needle_score.digit_match("3110972", " 31110972.") == (3, pytest.approx(3 / 7))   # a digit doubled
+    assert needle_score.digit_match("1234567", " 12.") == (2, pytest.approx(2 / 7))         # cut short
+    assert needle_score.digit_match("1234567", "") == (0, 0.0)
+    items = [{"answer": "2181950", "length": 1024, "depth": 0.0, "distractors": []},
+             {"answer": "5050600", "length": 2048, "depth": 0.0, "distractors": []}]
+    r = needle_score.score(items, [" 1891950.", " 5050600."])
+    assert r["accuracy"] == 0.5 and r["leading_digits"] == pytest.approx(3.5)
+    assert r["digits_by_length"] == {1024: {"leading_digits": 0, "digits_in_place": pytest.approx(4 / 7)},
+                                     2048: {"leading_digits": 7, "digits_in_place": 1.0}}
 
 
 def test_spec_errors():
@@ -117,3 +134,15 @@ def test_spec_errors():
         NeedleSpec(depths=(1.5,))
     with pytest.raises(ValueError, match="lengths"):
         NeedleSpec(lengths=(10,))
+
+
+def test_the_printed_table_gives_accuracy_by_depth_and_the_digits_per_length():
+    items = [{"answer": "2181950", "length": n, "depth": d, "distractors": []} for n in (1024, 2048)
+             for d in (0.0, 1.0)]
+    r = needle_score.score(items, [" 2181950.", " 1891950.", " 2181950.", " 2181950."])
+    r.pop("correct")
+    table = suite.format_table({"tasks": {"niah_en": {"metric": "accuracy", "value": r["accuracy"], "n": 4, **r}}})
+    assert ("| niah_en @ 1024 | accuracy (by depth: 1.00 0.00; digits: 3.50 leading, 0.79 in place) | 0.5000 | | |"
+            in table.splitlines())
+    assert "| niah_en @ 2048 | accuracy (by depth: 1.00 1.00; digits: 7.00 leading, 1.00 in place) | 1.0000 | | |" \
+        in table.splitlines()
