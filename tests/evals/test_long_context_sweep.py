@@ -57,7 +57,7 @@ def test_same_data_and_a_long_enough_window(arms):
     names = {m.name: m for m in a.data.mixture}
     assert set(names) == {"corpus", "needles"}
     assert any("needle-train" in s for s in names["needles"].sources) and names["needles"].min_score == 0.0
-    assert a.train.init_from == "runs/retrieval_short_tiny"      # stage 2 of the curriculum, for every arm
+    assert a.train.init_from == "runs/retrieval_mid_tiny"        # stage 2b of the curriculum, for every arm
 
 
 def test_points_need_overrides(tmp_path):
@@ -73,27 +73,33 @@ def test_points_need_overrides(tmp_path):
 
 def test_curriculum_stages_chain(arms):
     """Stage 1 (copy task) -> 1b (copies across a gap, rope_theta raised) -> 1c (copies from far back) -> 1d
-    (copies inside prose, digit spans) -> stage 2 (short needles) -> stage 3 (every arm): each starts from the one
-    before, all dense until stage 3, stage 1b overrides only rope_theta (the later stages inherit it), 1c-2 carry
-    the Adam moments on, and stage 2 keeps the prose and digit copies in its mixture."""
-    warm, gap, far, prose, short = (load_config(n, []) for n in (
+    (copies inside prose, digit spans) -> stage 2 (short needles) -> 2b (needles to 1K) -> stage 3 (every arm):
+    each starts from the one before, all dense until stage 3, stage 1b overrides only rope_theta (the later stages
+    inherit it), 1c-2b carry the Adam moments on (stage 3 too), and stages 2 and 2b keep the prose and digit copies
+    in their mixtures."""
+    warm, gap, far, prose, short, mid = (load_config(n, []) for n in (
         "retrieval_warmup_tiny", "retrieval_gap_tiny", "retrieval_far_tiny", "retrieval_prose_tiny",
-        "retrieval_short_tiny"))
+        "retrieval_short_tiny", "retrieval_mid_tiny"))
     assert warm.train.init_from == "runs/tiny"
     assert gap.train.init_from == "runs/" + warm.name and gap.train.init_from_override == ("rope_theta",)
     assert gap.model.rope_theta == 1e6 > ModelConfig.tiny().rope_theta and warm.model.rope_theta is None
     assert far.train.init_from == "runs/" + gap.name and prose.train.init_from == "runs/" + far.name
-    assert short.train.init_from == "runs/" + prose.name
-    for cfg in (far, prose, short):
+    assert short.train.init_from == "runs/" + prose.name and mid.train.init_from == "runs/" + short.name
+    assert (short.data.seq_len, mid.data.seq_len) == (512, 1024)
+    for cfg in (far, prose, short, mid):
         assert cfg.train.init_from_optimizer and cfg.train.init_from_override == ()
         assert cfg.model.rope_theta is None                       # 1e6 comes from stage 1b's run
     assert far.optim.decay_steps == prose.optim.decay_steps == 0  # the next stage continues at the peak lr
-    assert {a.train.init_from for a in arms.values()} == {"runs/" + short.name}
-    assert {c.model.attention for c in (warm, gap, far, prose, short)} == {"dense"}
+    assert {a.train.init_from for a in arms.values()} == {"runs/" + mid.name}
+    assert {c.model.attention for c in (warm, gap, far, prose, short, mid)} == {"dense"}
     for cfg, names in ((warm, {"corpus", "copies"}), (gap, {"corpus", "near", "mid", "far"}),
                        (far, {"corpus", "near", "far"}), (prose, {"corpus", "far", "prose", "digits"}),
-                       (short, {"corpus", "copies", "needles"})):
+                       (short, {"corpus", "digits", "prose", "needles"}),
+                       (mid, {"corpus", "digits", "prose", "needles", "needles_mid"})):
         assert {m.name for m in cfg.data.mixture} == names
         assert all(m.min_score == 0.0 for m in cfg.data.mixture if m.name != "corpus")
-    copies = [s for m in short.data.mixture if m.name == "copies" for s in m.sources]
-    assert any("copy-digits" in s for s in copies) and any("copy-prose" in s for s in copies)
+    for cfg in (short, mid):
+        sources = {m.name: m.sources for m in cfg.data.mixture}
+        assert all("copy-digits" in s for s in sources["digits"]) and all("copy-prose" in s for s in sources["prose"])
+    assert all("needle-mid" in s for m in mid.data.mixture if m.name == "needles_mid" for s in m.sources)
+    assert all(a.train.init_from_optimizer for a in arms.values())     # stage 3 carries stage 2's moments on
