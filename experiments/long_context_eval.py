@@ -11,7 +11,8 @@ comparison in <sweep-dir>/comparison.md (accuracy, then the digit diagnostics), 
 final eval (its eval sources at 2048 tokens, the same batches for every arm, with the arm's attention);
 `--heldout-batches N` scores every eval source with `minicpm eval` instead (slow on CPU: 12 sources x N batches).
 `--start RUN` also scores the arms' common starting checkpoint on the same grid (its own attention), as the first
-row, "start": what stage 3 added or lost. Its held-out loss is left out (its final eval is at its own length).
+row, "start": what stage 3 added or lost. Its held-out loss is left out (its final eval is at its own length), and
+so are the lengths past its max_position_embeddings.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from minicpm_jax.evals import arm_reports
+from minicpm_jax.train.config import load_config
 from minicpm_jax.train.sweep import final_metrics
 
 
@@ -58,8 +60,15 @@ def main(argv=None) -> int:
         (arm.name.split("_", 1)[1] if "_" in arm.name else arm.name, arm, arm / "eval") for arm in arms]
     for name, arm, eval_dir in rows:
         parts = []
+        max_len = load_config(arm / "config.yaml").model_config().max_position_embeddings
         for g, group in enumerate(args.grid.split(";")):
             lengths, depths, samples = group.split(":")
+            # the start may bound positions below the arms (they raise max_position_embeddings to probe 8K)
+            fit = [n for n in lengths.split(",") if int(n) <= max_len]
+            if not fit:
+                print(f"[long_context_eval] {name}: {lengths} past its {max_len} positions; left out", flush=True)
+                continue
+            lengths = ",".join(fit)
             report = eval_dir / f"group-{g}" / "report.json"   # items/ and predictions beside it
             if not (args.skip_existing and report.is_file()):
                 t0 = time.time()

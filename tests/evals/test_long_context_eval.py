@@ -20,9 +20,9 @@ spec.loader.exec_module(lce)
 ACC = {"000_dense": 0.5, "001_sparse_minicpm4": 0.25, "start": 0.75}     # per run directory name
 
 
-def _run(path: Path, eval_loss=None):
+def _run(path: Path, eval_loss=None, positions=8192):
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text("name: x\n")
+    (path / "config.yaml").write_text(f"name: x\nmodel:\n  preset: tiny\n  max_position_embeddings: {positions}\n")
     if eval_loss is not None:
         (path / "logs").mkdir()
         rows = [{"split": "train", "step": 4, "loss": 3.0}, {"split": "eval", "step": 4, "loss": eval_loss}]
@@ -55,22 +55,24 @@ def test_start_row_first_then_the_arms_with_their_own_losses(tmp_path, calls):
     sweep = tmp_path / "sweep"
     _run(sweep / "000_dense", eval_loss=4.5)
     _run(sweep / "001_sparse_minicpm4", eval_loss=4.25)
-    start = _run(tmp_path / "start")
+    start = _run(tmp_path / "start", positions=4096)
     assert lce.main(["--sweep-dir", str(sweep), "--start", str(start), "--tasks", "niah_en",
-                     "--grid", "1024,2048:0.5:2;4096:0.5:1"]) == 0
-    # every run scored on every grid group, the start first; its reports kept apart from the arms'
-    assert [(c[0], c[1]) for c in calls] == [("start", "1024,2048"), ("start", "4096"),
-                                             ("000_dense", "1024,2048"), ("000_dense", "4096"),
-                                             ("001_sparse_minicpm4", "1024,2048"), ("001_sparse_minicpm4", "4096")]
+                     "--grid", "1024,2048:0.5:2;4096,8192:0.5:1;16384:0.5:1"]) == 0
+    # every run scored on every grid group, the start first, and only at lengths inside its positions; its
+    # reports kept apart from the arms'
+    assert [(c[0], c[1]) for c in calls] == [
+        ("start", "1024,2048"), ("start", "4096"),
+        ("000_dense", "1024,2048"), ("000_dense", "4096,8192"),
+        ("001_sparse_minicpm4", "1024,2048"), ("001_sparse_minicpm4", "4096,8192")]
     assert {c[2:] for c in calls} == {("0.5", "2", "niah_en"), ("0.5", "1", "niah_en")}
     assert (sweep / "start-eval" / "group-1" / "report.json").is_file()
     assert (sweep / "000_dense" / "eval" / "group-0" / "report.json").is_file()
     md = (sweep / "comparison.md").read_text()
     rows = [line for line in md.split("Partial credit")[0].splitlines() if line.startswith("| ")][1:]
-    assert rows[0].startswith("| start | — | 0.75 | 0.75 | 0.75 |")             # no loss: its eval was not at 2K
-    assert rows[1].startswith("| dense | 4.5000 | 0.50 | 0.50 | 0.50 |")
-    assert rows[2].startswith("| sparse_minicpm4 | 4.2500 | 0.25 | 0.25 | 0.25 |")
-    assert "| dense | 3.50 / 0.50 | 3.50 / 0.50 | 3.50 / 0.50 |" in md.split("Partial credit")[1]
+    assert rows[0].startswith("| start | — | 0.75 | 0.75 | 0.75 | — |")      # no loss (its eval was not at 2K), no 8K
+    assert rows[1].startswith("| dense | 4.5000 | 0.50 | 0.50 | 0.50 | 0.50 |")
+    assert rows[2].startswith("| sparse_minicpm4 | 4.2500 | 0.25 | 0.25 | 0.25 | 0.25 |")
+    assert "| dense | 3.50 / 0.50 | 3.50 / 0.50 | 3.50 / 0.50 | 3.50 / 0.50 |" in md.split("Partial credit")[1]
     summary = json.loads((sweep / "comparison.json").read_text())
     assert summary["final_eval_loss"] == {"dense": 4.5, "sparse_minicpm4": 4.25}
     assert list(summary["reports"]) == ["start", "dense", "sparse_minicpm4"]
