@@ -2,13 +2,14 @@
 
     minicpm sweep experiments/sweeps/long_context.yaml
     python experiments/long_context_eval.py [--sweep-dir runs/sweeps/long_context] [--grid "2048:0,0.5,1:2;8192:0.5:1"]
-        [--start runs/retrieval_short_tiny]
+        [--start runs/retrieval_mid_tiny]
 
 Each arm (a run directory under --sweep-dir) is scored by `minicpm eval` with its own attention (the run's
 model.attention: dense, or InfLLM v2 with the run's variant) on the held-out needle tasks, one `minicpm eval` per
 --grid group; the reports land in <arm>/eval/group-<g>/report.json (with the items and predictions), the
-comparison in <sweep-dir>/comparison.md (accuracy, then the digit diagnostics), comparison.json and comparison.png. The held-out loss is the run's own
-final eval (its eval sources at 2048 tokens, the same batches for every arm, with the arm's attention);
+comparison in <sweep-dir>/comparison.md (accuracy, then the digit diagnostics), comparison.json and comparison.png.
+The held-out loss is the run's own final eval (its eval sources at 2048 tokens, the same batches for every arm, with
+the arm's attention);
 `--heldout-batches N` scores every eval source with `minicpm eval` instead (slow on CPU: 12 sources x N batches).
 `--start RUN` also scores the arms' common starting checkpoint on the same grid (its own attention), as the first
 row, "start": what stage 3 added or lost. Its held-out loss is left out (its final eval is at its own length), and

@@ -281,7 +281,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-lead", type=int, default=copy_train.CopyTrainSpec.min_lead,
                    help="filler tokens before the first copy, at least (so it does not always follow the BOS)")
     p.add_argument("--max-lead", type=int, default=copy_train.CopyTrainSpec.max_lead)
-    p.add_argument("--paragraph", type=int, default=0,
+    p.add_argument("--paragraph", type=int, default=copy_train.CopyTrainSpec.paragraph,
                    help="with --filler text: start a new line every N sentences (0: one running line)")
     p.add_argument("--filler", choices=copy_train.FILLERS, default=copy_train.CopyTrainSpec.filler,
                    help="the gap: random pool ids, or running training text (prose around the copies, as a needle's)")

@@ -44,11 +44,10 @@ def score(items: Sequence[dict], predictions: Sequence[str]) -> dict:
         raise ValueError(f"needle scoring: {len(items)} items but {len(predictions)} predictions")
     correct = [is_correct(it, p) for it, p in zip(items, predictions)]
     match = [digit_match(it["answer"], p) for it, p in zip(items, predictions)]
-    by_len_match = defaultdict(list)
-    for it, m in zip(items, match):
-        by_len_match[it["length"]].append(m)
     by_len, by_depth, grid = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(list))
-    for it, ok in zip(items, correct):
+    by_len_match = defaultdict(list)
+    for it, ok, m in zip(items, correct, match):
+        by_len_match[it["length"]].append(m)
         by_len[it["length"]].append(float(ok))
         by_depth[it["depth"]].append(float(ok))
         grid[it["length"]][it["depth"]].append(float(ok))
@@ -58,5 +57,6 @@ def score(items: Sequence[dict], predictions: Sequence[str]) -> dict:
             "grid": {n: {d: _mean(v) for d, v in sorted(row.items())} for n, row in sorted(grid.items())},
             "leading_digits": _mean([m[0] for m in match]), "digits_in_place": _mean([m[1] for m in match]),
             "digits_by_length": {n: {"leading_digits": _mean([m[0] for m in v]),
-                                     "digits_in_place": _mean([m[1] for m in v])} for n, v in sorted(by_len_match.items())},
+                                     "digits_in_place": _mean([m[1] for m in v])}
+                                 for n, v in sorted(by_len_match.items())},
             "correct": correct}

@@ -69,7 +69,8 @@ def test_start_row_first_then_the_arms_with_their_own_losses(tmp_path, calls):
     assert (sweep / "000_dense" / "eval" / "group-0" / "report.json").is_file()
     md = (sweep / "comparison.md").read_text()
     rows = [line for line in md.split("Partial credit")[0].splitlines() if line.startswith("| ")][1:]
-    assert rows[0].startswith("| start | — | 0.75 | 0.75 | 0.75 | — |")      # no loss (its eval was not at 2K), no 8K
+    # the start: no loss (its own final eval was not at 2K), no 8K (past its positions)
+    assert rows[0].startswith("| start | — | 0.75 | 0.75 | 0.75 | — |")
     assert rows[1].startswith("| dense | 4.5000 | 0.50 | 0.50 | 0.50 | 0.50 |")
     assert rows[2].startswith("| sparse_minicpm4 | 4.2500 | 0.25 | 0.25 | 0.25 | 0.25 |")
     assert "| dense | 3.50 / 0.50 | 3.50 / 0.50 | 3.50 / 0.50 | 3.50 / 0.50 |" in md.split("Partial credit")[1]
