@@ -12,7 +12,8 @@ HF checkpoint or an exported GGUF: long-context needles, lm-eval tasks, HumanEva
     minicpm eval --checkpoint runs/tiny --tasks niah_en --fake-devices 4 mesh.data=2 mesh.tensor=2   # CPU check
 
 Tasks (comma-separated): heldout (held-out loss; training runs only), niah_en, niah_zh, niah_en_multikey,
-niah_zh_multikey, humaneval, and lm-eval task names (ours: minicpm_cloze_en, minicpm_niah_*; or lm-eval's own).
+niah_zh_multikey, niah_{en,zh}_multivalue, niah_{en,zh}_multiquery, humaneval, and lm-eval task names (ours:
+minicpm_cloze_en, minicpm_niah_*; or lm-eval's own).
 With --tasks the report is written as JSON (and a PNG beside it: needle heatmaps, a bar per other task) and printed
 as a table with the seconds each task took.
 

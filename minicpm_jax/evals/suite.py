@@ -3,6 +3,8 @@
 Task names:
   niah_en, niah_zh                    needle in a haystack of held-out text (`needles.py`), scored per length x depth
   niah_en_multikey, niah_zh_multikey  the same with 3 distractor needles
+  niah_{en,zh}_multivalue            one key with 4 numbers, all asked for (RULER's multi-value)
+  niah_{en,zh}_multiquery            4 keys with a number each, all asked for (RULER's multi-query)
   humaneval                           HumanEval pass@1 (`humaneval.py`)
   anything else                       an lm-eval task: ours (`tasks/`: minicpm_cloze_en, minicpm_niah_*) or any of
                                       lm-eval's own that needs no download (their index is loaded only then), e.g.
@@ -28,8 +30,11 @@ from typing import Callable, Optional, Sequence
 from minicpm_jax.evals import needle_score, needles
 from minicpm_jax.evals.needles import NeedleSpec
 
-NEEDLE_TASKS = {"niah_en": ("en", 0), "niah_zh": ("zh", 0), "niah_en_multikey": ("en", 3),
-                "niah_zh_multikey": ("zh", 3)}
+# task -> (lang, distractors, values, queries) of its NeedleSpec; multivalue / multiquery are RULER's (4 each)
+NEEDLE_TASKS = {"niah_en": ("en", 0, 1, 1), "niah_zh": ("zh", 0, 1, 1), "niah_en_multikey": ("en", 3, 1, 1),
+                "niah_zh_multikey": ("zh", 3, 1, 1), "niah_en_multivalue": ("en", 0, 4, 1),
+                "niah_zh_multivalue": ("zh", 0, 4, 1), "niah_en_multiquery": ("en", 0, 1, 4),
+                "niah_zh_multiquery": ("zh", 0, 1, 4)}
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 
 
@@ -47,7 +52,7 @@ class SuiteSettings:
 
 
 def _needles(lm, name: str, s: SuiteSettings, log: Callable[[str], None]) -> dict:
-    lang, distractors = NEEDLE_TASKS[name]
+    lang, distractors, values, queries = NEEDLE_TASKS[name]
     lengths = tuple(n for n in s.lengths if n <= lm.max_length)
     if len(lengths) < len(s.lengths):
         log(f"{name}: lengths {[n for n in s.lengths if n > lm.max_length]} exceed the model's {lm.max_length} "
@@ -55,22 +60,27 @@ def _needles(lm, name: str, s: SuiteSettings, log: Callable[[str], None]) -> dic
     if not lengths:
         raise ValueError(f"{name}: no length fits the model's {lm.max_length} positions (asked {list(s.lengths)})")
     spec = NeedleSpec(lang=lang, lengths=lengths, depths=tuple(s.depths), samples=s.samples,
-                      distractors=distractors, seed=s.seed)
+                      distractors=distractors, values=values, queries=queries, seed=s.seed)
     items = needles.build_items(lm.tokenizer, spec)
     from lm_eval.api.instance import Instance
 
-    kw = {"until": ["\n"], "max_gen_toks": spec.answer_tokens, "do_sample": False}
+    kw = {"until": ["\n"], "max_gen_toks": spec.answer_budget, "do_sample": False}
     preds = lm.generate_until([Instance("generate_until", it, (it["prompt"], dict(kw)), i)
                                for i, it in enumerate(items)])
     res = needle_score.score(items, preds)
     if s.out_dir is not None:
         needles.write_jsonl(items, Path(s.out_dir) / f"{name}.items.jsonl")
-        needles.write_jsonl([{"id": it["id"], "prediction": p, "correct": c}
-                             for it, p, c in zip(items, preds, res["correct"])],
+        needles.write_jsonl([{"id": it["id"], "prediction": p, "correct": c, "score": sc}
+                             for it, p, c, sc in zip(items, preds, res["correct"], res["scores"])],
                             Path(s.out_dir) / f"{name}.predictions.jsonl")
     res.pop("correct")
-    # floors: naming no number, or every number, scores 0; copying the first 7-digit number of the prompt scores
-    # this (1.0 with a single needle: there retrieval is finding the one number, with distractors it is the key)
+    res.pop("scores")
+    # floors. Naming no number scores 0. Naming every number of the prompt scores 0 with distractors (multikey) but
+    # 1.0 on the others: on niah_en/zh the needle's is the only number, and on multivalue / multiquery every needle
+    # is asked about, so listing them all is the full answer (as in RULER, whose string_match_all has no penalty).
+    # Copying the first 7-digit number of the prompt scores this: 1.0 with a single needle (retrieval there is
+    # finding the one number), with distractors the chance the asked needle comes first (the key must pick it), and
+    # on multivalue / multiquery 1/4 (one of the four, whichever comes first; less if the haystack has a number)
     first = [(re.findall(r"\d{7}", it["prompt"]) or [""])[0] for it in items]
     res["floor_first_number"] = needle_score.score(items, first)["accuracy"]
     # models compared side by side must have been asked the same items (each builds them with its own tokenizer)

@@ -4,6 +4,7 @@ the stated token length, unique answers; and the scorer on an oracle, a fixed-st
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -37,13 +38,13 @@ def test_token_length_as_stated(built, tokenizer):
     for it in items:
         ids = tokenizer.encode(it["prompt"], add_bos=True)
         assert len(ids) == it["n_tokens"]
-        assert it["n_tokens"] + spec.answer_tokens <= it["length"]
+        assert it["n_tokens"] + spec.answer_budget <= it["length"]
         # filled: the next held-out sentence would not have fitted (give or take the estimate's 2 tokens)
         sents, tpl, join = haystack.sentences(spec.lang), TEMPLATES[spec.lang], haystack.joiner(spec.lang)
         following = sents[(it["haystack_first"] + it["haystack_sentences"]) % len(sents)]
         question = tpl["question"].format(key=it["key"])
         longer = it["prompt"][:-len(question)] + join + following + question
-        assert len(tokenizer.encode(longer, add_bos=True)) + spec.answer_tokens > it["length"] - 2, it["id"]
+        assert len(tokenizer.encode(longer, add_bos=True)) + spec.answer_budget > it["length"] - 2, it["id"]
 
 
 def test_needle_inside_at_the_stated_depth(built, tokenizer):
@@ -146,3 +147,22 @@ def test_the_printed_table_gives_accuracy_by_depth_and_the_digits_per_length():
             in table.splitlines())
     assert "| niah_en @ 2048 | accuracy (by depth: 1.00 1.00; digits: 7.00 leading, 1.00 in place) | 1.0000 | | |" \
         in table.splitlines()
+
+
+FROZEN = Path(__file__).with_name("data") / "needles_frozen.jsonl"
+
+
+def test_items_are_those_published_before_the_multi_value_and_query_variants(tokenizer):
+    """The one-number tasks' items, whole (prompt, id, answer, offsets), as built at commit 6937297, before
+    `values` / `queries` existed: published comparisons hash them (suite's items_sha256), so they must not drift
+    (equal dicts: equal hashes).
+    The fixture holds en and zh, 0 and 3 distractors, two lengths and three depths; it was written by that commit's
+    needles.py with this conftest's tokenizer (a SentencePiece upgrade that trains other pieces would change it)."""
+    specs = [NeedleSpec(lang=lang, lengths=(512, 700), depths=(0.0, 0.5, 1.0), samples=1, distractors=d, seed=s)
+             for lang, d, s in (("en", 0, 0), ("en", 3, 0), ("zh", 0, 1), ("zh", 3, 1))]
+    frozen = read_jsonl(FROZEN)
+    assert len(frozen) == 24 and {it["id"].split("/")[0] for it in frozen} == {s.name for s in specs}
+    built = [it for s in specs for it in build_items(tokenizer, s)]
+    for old, new in zip(frozen, built):
+        assert new == old, old["id"]
+    assert len(built) == len(frozen)
