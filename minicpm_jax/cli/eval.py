@@ -130,7 +130,7 @@ def cmd_eval(args) -> int:
         return 0
     from minicpm_jax.evals.compare import comparison_report, format_comparison, unique_labels
     from minicpm_jax.evals.plot import plot_comparison, plot_report
-    from minicpm_jax.evals.suite import SuiteSettings, format_table, run_tasks, write_report
+    from minicpm_jax.evals.suite import SuiteSettings, format_table, run_tasks, tokenizer_dir, write_report
     from minicpm_jax.export.llamacpp import check_gguf
     from minicpm_jax.weights import source_kind
 
@@ -158,10 +158,14 @@ def cmd_eval(args) -> int:
     # held-out loss first: a run whose prepared data cannot be found fails before the (long) tasks run
     heldout, step = _heldout(args, overrides, mesh, args.step) if "heldout" in tasks else (None, args.step)
     reports: dict[str, dict] = {}
+    ruler_tokenizer = None       # the JAX model's, for every model: RULER items then match across models
     for label, source in zip(labels, ([args.checkpoint] if args.checkpoint else []) + list(args.gguf)):
-        settings = SuiteSettings(lengths=lengths, depths=depths, samples=args.samples, limit=args.limit,
-                                 seed=args.seed, out_dir=items_dir / label if several else items_dir)
         lm = _load(args, label, source, mesh, step)      # the step held-out loss used (newest when not given)
+        if label == "jax":
+            ruler_tokenizer = tokenizer_dir(lm)
+        settings = SuiteSettings(lengths=lengths, depths=depths, samples=args.samples, limit=args.limit,
+                                 seed=args.seed, out_dir=items_dir / label if several else items_dir,
+                                 ruler_tokenizer=ruler_tokenizer)
         log(f"eval: model {label}: {lm.get_model_info()['model_source']}")
         reports[label] = run_tasks(lm, [t for t in tasks if t != "heldout"], settings, log=log)
         del lm                           # one model in memory at a time

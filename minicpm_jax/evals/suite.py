@@ -8,9 +8,11 @@ Task names:
   humaneval                           HumanEval pass@1 (`humaneval.py`)
   anything else                       an lm-eval task: ours (`tasks/`: minicpm_cloze_en, minicpm_niah_*) or any of
                                       lm-eval's own that needs no download (their index is loaded only then), e.g.
-                                      RULER's niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_fwe
-                                      (ruler_cwe's own generator raises ZeroDivisionError at some lengths with the
-                                      tiny run's tokenizer: 1024 and 4096 fail, 2048 runs)
+                                      RULER's offline six: niah_single_1, niah_multikey_2, niah_multikey_3,
+                                      ruler_vt, ruler_cwe, ruler_fwe (the rest read downloaded essays). A RULER
+                                      length lm-eval cannot build with the run's tokenizer is skipped with the
+                                      reason (`ruler_sizing.py`: there its generators hang or build items with no
+                                      answer), as is one past the model's positions.
 
 The needle tasks run here rather than through lm-eval so the report keeps the per-depth grid and the items can be
 written as JSONL beside the predictions; they use the same generation (`MiniCPMLM.generate_until`).
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from minicpm_jax.evals import needle_score, needles
+from minicpm_jax.evals import needle_score, needles, ruler_sizing
 from minicpm_jax.evals.needles import NeedleSpec
 
 # task -> (lang, distractors, values, queries) of its NeedleSpec; multivalue / multiquery are RULER's (4 each)
@@ -41,7 +43,11 @@ DEFAULT_LENGTHS = (1024, 2048, 4096)
 @dataclasses.dataclass
 class SuiteSettings:
     """lengths / depths / samples: the needle grid (lengths above the model's window are dropped); limit: items per
-    lm-eval task and HumanEval problems (None = all); out_dir: where item and prediction JSONL go (None = nowhere)."""
+    lm-eval task and HumanEval problems (None = all); out_dir: where item and prediction JSONL go (None = nowhere):
+    the needle items and predictions, lm-eval's per-item samples (`<task>.samples.jsonl`, RULER's per length
+    `<task>@<length>.samples.jsonl`) and HumanEval's completions; ruler_tokenizer: the transformers tokenizer
+    directory lm-eval's RULER tasks size their items with (default: the model's own; a GGUF has none, so models
+    compared side by side are given the JAX model's, and are asked the same items)."""
 
     lengths: Sequence[int] = DEFAULT_LENGTHS
     depths: Sequence[float] = NeedleSpec.depths
@@ -49,6 +55,7 @@ class SuiteSettings:
     limit: Optional[int] = None
     seed: int = 0
     out_dir: Optional[Path] = None
+    ruler_tokenizer: Optional[str] = None
 
 
 def _needles(lm, name: str, s: SuiteSettings, log: Callable[[str], None]) -> dict:
@@ -103,7 +110,26 @@ RULER_TASKS = {"niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey
                "ruler_qa_squad", "ruler_qa_hotpot"}   # lm-eval's RULER: one metric per length, declared from 4096 up
 
 
-def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int]) -> dict:
+def tokenizer_dir(lm) -> Optional[str]:
+    """The directory of `lm`'s tokenizer files, which transformers' AutoTokenizer loads (None for a GGUF)."""
+    if lm.tokenizer.path is not None and getattr(lm.tokenizer, "kind", None) != "gguf":
+        return str(Path(lm.tokenizer.path).parent)
+    return None
+
+
+def _ruler_tokenizer(lm, name: str, s: SuiteSettings) -> str:
+    """What lm-eval's RULER task `name` sizes its items with (`SuiteSettings.ruler_tokenizer`)."""
+    found = s.ruler_tokenizer or tokenizer_dir(lm)
+    if found is None:
+        raise ValueError(f"{name}: lm-eval's RULER tasks size their items with a transformers tokenizer directory, "
+                         f"and {lm.source} has none beside it; score it with its checkpoint (`minicpm eval "
+                         "--checkpoint RUN_OR_HF_DIR --gguf FILE`: the checkpoint's tokenizer then sizes both)")
+    return found
+
+
+def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int], samples_file: Optional[str] = None) -> dict:
+    """One `lm_eval.simple_evaluate` of task `name`; with `s.out_dir` its per-item documents, predictions and
+    metrics go to `out_dir / samples_file` (default `<name>.samples.jsonl`) as JSONL."""
     import lm_eval
 
     from minicpm_jax.evals import TASKS_DIR, task_manager
@@ -111,15 +137,25 @@ def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int]) -> dict:
     ours = (TASKS_DIR / f"{name}.yaml").is_file()
     meta = {"pretrained": lm.source, "max_seq_lengths": lengths, "depths": list(s.depths),
             "niah_samples": s.samples, "seed": s.seed}
-    # lm-eval's RULER tasks size contexts with transformers' AutoTokenizer (a directory); a GGUF has none beside it
-    if lm.tokenizer.path is not None and getattr(lm.tokenizer, "kind", None) != "gguf":
-        meta["tokenizer"] = str(Path(lm.tokenizer.path).parent)
+    if name in RULER_TASKS:
+        meta["tokenizer"] = _ruler_tokenizer(lm, name, s)
+    elif tokenizer_dir(lm) is not None:     # ours: the model's own (a GGUF's is its file's vocabulary)
+        meta["tokenizer"] = tokenizer_dir(lm)
     if s.limit:
         meta["cloze_samples"] = s.limit
-    r = lm_eval.simple_evaluate(model=lm, tasks=[name], limit=s.limit, bootstrap_iters=0, log_samples=False,
+    r = lm_eval.simple_evaluate(model=lm, tasks=[name], limit=s.limit, bootstrap_iters=0,
+                                log_samples=s.out_dir is not None,
                                 task_manager=task_manager(meta, include_defaults=not ours))
     if r is None or name not in r["results"]:
         raise ValueError(f"lm-eval returned no results for task {name!r}")
+    if s.out_dir is not None:
+        # arguments and responses: one per request ((context, generation kwargs) -> text, or (context,
+        # continuation) -> (loglikelihood, is_greedy) per choice)
+        needles.write_jsonl(({"doc_id": x["doc_id"], "doc": x["doc"], "target": x["target"],
+                              "arguments": x["arguments"], "responses": x["filtered_resps"],
+                              **{m: x[m] for m in x.get("metrics", ()) if m in x}}
+                             for x in r["samples"][name]),
+                            Path(s.out_dir) / (samples_file or f"{name}.samples.jsonl"))
     metrics = {k.split(",")[0]: v for k, v in r["results"][name].items()
                if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     return {"metrics": metrics, "n": r.get("n-samples", {}).get(name, {}).get("effective")}
@@ -128,17 +164,25 @@ def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int]) -> dict:
 def _lm_eval(lm, name: str, s: SuiteSettings, log) -> dict:
     lengths = [n for n in s.lengths if n <= lm.max_length]
     if name in RULER_TASKS:      # one run per length: RULER aggregates undeclared (short) lengths over all items
+        skipped = {n: f"exceeds the model's {lm.max_length} positions" for n in s.lengths if n > lm.max_length}
+        # lm-eval's own generators hang or build unanswerable items where their first size step does not fit
+        tok = _ruler_tokenizer(lm, name, s)
+        skipped.update({n: why for n in lengths if (why := ruler_sizing.problem(name, tok, n))})
+        for n, why in skipped.items():
+            log(f"eval: {name} @ {n}: skipped: {why}")
+        lengths = [n for n in lengths if n not in skipped]
         if not lengths:
-            raise ValueError(f"{name}: no length fits the model's {lm.max_length} positions (asked {list(s.lengths)})")
+            raise ValueError(f"{name}: none of the lengths {list(s.lengths)} can be run: "
+                             + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
         by_length, n, metrics = {}, 0, {}
         for length in lengths:
-            one = _lm_eval_once(lm, name, s, [length])
+            one = _lm_eval_once(lm, name, s, [length], samples_file=f"{name}@{length}.samples.jsonl")
             by_length[length] = one["metrics"][str(length)]
             n += one["n"] or 0
             metrics[str(length)] = by_length[length]
             log(f"eval: {name} @ {length}: {by_length[length]:.4f}")
         return {"kind": "lm_eval", "metric": "mean over lengths", "value": sum(by_length.values()) / len(by_length),
-                "n": n, "metrics": metrics, "by_length": by_length}
+                "n": n, "metrics": metrics, "by_length": by_length, "skipped": skipped}
     one = _lm_eval_once(lm, name, s, lengths)
     metrics = one["metrics"]
     main = "acc" if "acc" in metrics else next(iter(metrics), None)
@@ -182,6 +226,8 @@ def format_table(report: dict) -> str:
                 lines.append(f"| {name} @ {length} | accuracy (by depth: {depths}{digits}) | {acc:.4f} | | |")
             else:
                 lines.append(f"| {name} @ {length} | score | {acc:.4f} | | |")
+        for length, why in r.get("skipped", {}).items():
+            lines.append(f"| {name} @ {length} | skipped: {why} | | | |")
     return "\n".join(lines)
 
 
