@@ -60,21 +60,27 @@ def test_needle_inside_at_the_stated_depth(built, tokenizer):
         # depth measured independently: tokens of the haystack before the needle / haystack tokens
         assert p.startswith(tpl["intro"]) and p.endswith(tpl["question"].format(key=it["key"]))
         body = p[len(tpl["intro"]):len(p) - len(tpl["question"].format(key=it["key"]))]
-        at = body.index(it["needle"])
-        total = len(tokenizer.encode(body)) - len(tokenizer.encode(it["needle"]))
-        measured = len(tokenizer.encode(body[:at])) / total
-        # the needle sits at the sentence boundary nearest the depth: off by at most half the longest sentence
-        # around it, plus the distractor needles (they shift the boundaries)
-        longest = max(len(tokenizer.encode(s)) for s in haystack.sentences(spec.lang) if s in body)
         shift = sum(len(tokenizer.encode(p2)) for p2 in body.split(haystack.joiner(spec.lang) or "。")
                     if any(d["value"] in p2 for d in it["distractors"]))
-        tol = (longest / 2 + shift + 3) / total
-        assert abs(measured - it["depth"]) <= tol, (it["id"], measured, it["depth"], tol)
-        assert abs(it["needle_depth"] - measured) <= 0.02, (it["needle_depth"], measured)
-        if it["depth"] == 0.0:
-            assert body.startswith(it["needle"])
-        if it["depth"] == 1.0:
-            assert body.endswith(it["needle"])
+        assert_needle_at_depth(tokenizer, spec.lang, it, body, shift)
+
+
+def assert_needle_at_depth(tokenizer, lang: str, it: dict, body: str, shift: int) -> None:
+    """The item's (first) needle sits at the sentence boundary nearest its depth, measured independently: tokens of
+    the haystack before it / haystack tokens, off by at most half the longest sentence around it plus `shift`
+    (the tokens of the other needles, which move the boundaries); `needle_depth` agrees; depths 0 and 1 put it
+    first and last."""
+    at = body.index(it["needle"])
+    total = len(tokenizer.encode(body)) - len(tokenizer.encode(it["needle"]))
+    measured = len(tokenizer.encode(body[:at])) / total
+    longest = max(len(tokenizer.encode(s)) for s in haystack.sentences(lang) if s in body)
+    tol = (longest / 2 + shift + 3) / total
+    assert abs(measured - it["depth"]) <= tol, (it["id"], measured, it["depth"], tol)
+    assert abs(it["needle_depth"] - measured) <= 0.02, (it["needle_depth"], measured)
+    if it["depth"] == 0.0:
+        assert body.startswith(it["needle"])
+    if it["depth"] == 1.0:
+        assert body.endswith(it["needle"])
 
 
 def test_answers_are_unique(built):

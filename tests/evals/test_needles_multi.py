@@ -16,6 +16,7 @@ from minicpm_jax.evals import TASKS_DIR, haystack, needle_score, needles, suite
 from minicpm_jax.evals.harness import MiniCPMLM
 from minicpm_jax.evals.needles import TEMPLATES, NeedleSpec, build_items
 from minicpm_jax.evals.tasks import niah_utils
+from tests.evals.test_needles import assert_needle_at_depth
 
 DEPTHS = (0.0, 0.3, 0.5, 1.0)
 SPECS = [NeedleSpec(lang="en", lengths=(512, 1024), depths=DEPTHS, samples=2, values=4),
@@ -115,22 +116,10 @@ def test_first_needle_alone_at_the_stated_depth(built, tokenizer):
         ids = tokenizer.encode(it["prompt"], add_bos=True)
         span = tokenizer.decode(ids[it["needle_token_start"]:it["needle_token_end"]])
         assert it["needle"] in span and len(span) <= len(it["needle"]) + 4, (span, it["needle"])
-        at = body.index(it["needle"])
-        total = len(tokenizer.encode(body)) - len(tokenizer.encode(it["needle"]))
-        measured = len(tokenizer.encode(body[:at])) / total
-        # nearest sentence boundary: off by at most half the longest sentence around it, plus the other needles
-        # (they shift the boundaries)
+        # the other needles (asked and distractors) shift the boundaries; the asked one has its boundary to itself
         others = [_needle(it, k, v) for k, v in zip(it["keys"][1:], it["answers"][1:])] + [
             _needle(it, d["key"], d["value"]) for d in it["distractors"]]
-        longest = max(len(tokenizer.encode(s)) for s in haystack.sentences(spec.lang) if s in body)
-        tol = (longest / 2 + sum(len(tokenizer.encode(o)) for o in others) + 3) / total
-        assert abs(measured - it["depth"]) <= tol, (it["id"], measured, it["depth"], tol)
-        assert abs(it["needle_depth"] - measured) <= 0.02, (it["needle_depth"], measured)
-        # the asked needle has its boundary to itself: the others are elsewhere
-        if it["depth"] == 0.0:
-            assert body.startswith(it["needle"])
-        if it["depth"] == 1.0:
-            assert body.endswith(it["needle"])
+        assert_needle_at_depth(tokenizer, spec.lang, it, body, sum(len(tokenizer.encode(o)) for o in others))
 
 
 def test_question_wording():
