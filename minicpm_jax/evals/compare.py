@@ -20,7 +20,7 @@ def unique_labels(names: Sequence[str]) -> list[str]:
 
 
 def comparison_report(reports: dict[str, dict]) -> dict:
-    """{"reference": first label, "models": reports, "mismatched_items": [tasks whose needle items differ]}."""
+    """{"reference": first label, "models": reports, "mismatched_items": [tasks whose items differ]}."""
     labels = list(reports)
     if not labels:
         raise ValueError("comparison_report: no reports")
@@ -39,6 +39,8 @@ def _rows(report: dict) -> dict[str, tuple[str, float]]:
         rows[name] = (r["metric"], r["value"])
         for length, acc in r.get("by_length", {}).items():
             rows[f"{name} @ {length}"] = ("accuracy" if "grid" in r else "score", acc)
+        for length in r.get("skipped", {}):         # a RULER length not run (the reason is in the report)
+            rows[f"{name} @ {length}"] = ("skipped", None)
     return rows
 
 
@@ -69,6 +71,6 @@ def format_comparison(comp: dict) -> str:
                           task in reports[k]["tasks"] else "" for k in labels)
         lines.append(f"| {name} | {metric} | " + " | ".join(cells) + f" | {secs if ' @ ' not in name else ''} |")
     if comp.get("mismatched_items"):
-        lines.append(f"\nWARNING: the models were asked different needle items in {comp['mismatched_items']} "
-                     "(their tokenizers size the haystacks differently); those columns do not compare item by item.")
+        lines.append(f"\nWARNING: the models were asked different items in {comp['mismatched_items']} "
+                     "(their tokenizers size the contexts differently); those columns do not compare item by item.")
     return "\n".join(lines)

@@ -143,11 +143,11 @@ def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int], samples_f
         meta["tokenizer"] = tokenizer_dir(lm)
     if s.limit:
         meta["cloze_samples"] = s.limit
-    r = lm_eval.simple_evaluate(model=lm, tasks=[name], limit=s.limit, bootstrap_iters=0,
-                                log_samples=s.out_dir is not None,
+    r = lm_eval.simple_evaluate(model=lm, tasks=[name], limit=s.limit, bootstrap_iters=0, log_samples=True,
                                 task_manager=task_manager(meta, include_defaults=not ours))
     if r is None or name not in r["results"]:
         raise ValueError(f"lm-eval returned no results for task {name!r}")
+    docs = [x["doc_hash"] for x in sorted(r["samples"][name], key=lambda x: x["doc_id"])]
     if s.out_dir is not None:
         # arguments and responses: one per request ((context, generation kwargs) -> text, or (context,
         # continuation) -> (loglikelihood, is_greedy) per choice)
@@ -158,7 +158,8 @@ def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int], samples_f
                             Path(s.out_dir) / (samples_file or f"{name}.samples.jsonl"))
     metrics = {k.split(",")[0]: v for k, v in r["results"][name].items()
                if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
-    return {"metrics": metrics, "n": r.get("n-samples", {}).get(name, {}).get("effective")}
+    return {"metrics": metrics, "n": r.get("n-samples", {}).get(name, {}).get("effective"),
+            "items_sha256": hashlib.sha256(json.dumps(docs).encode()).hexdigest()}
 
 
 def _lm_eval(lm, name: str, s: SuiteSettings, log) -> dict:
@@ -174,20 +175,22 @@ def _lm_eval(lm, name: str, s: SuiteSettings, log) -> dict:
         if not lengths:
             raise ValueError(f"{name}: none of the lengths {list(s.lengths)} can be run: "
                              + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
-        by_length, n, metrics = {}, 0, {}
+        by_length, n, metrics, shas = {}, 0, {}, []
         for length in lengths:
             one = _lm_eval_once(lm, name, s, [length], samples_file=f"{name}@{length}.samples.jsonl")
+            shas.append(one["items_sha256"])
             by_length[length] = one["metrics"][str(length)]
             n += one["n"] or 0
             metrics[str(length)] = by_length[length]
             log(f"eval: {name} @ {length}: {by_length[length]:.4f}")
         return {"kind": "lm_eval", "metric": "mean over lengths", "value": sum(by_length.values()) / len(by_length),
-                "n": n, "metrics": metrics, "by_length": by_length, "skipped": skipped}
+                "n": n, "metrics": metrics, "by_length": by_length, "skipped": skipped,
+                "items_sha256": hashlib.sha256("".join(shas).encode()).hexdigest()}
     one = _lm_eval_once(lm, name, s, lengths)
     metrics = one["metrics"]
     main = "acc" if "acc" in metrics else next(iter(metrics), None)
     return {"kind": "lm_eval", "metric": main, "value": metrics.get(main, math.nan), "n": one["n"],
-            "metrics": metrics}
+            "metrics": metrics, "items_sha256": one["items_sha256"]}
 
 
 def run_tasks(lm, tasks: Sequence[str], settings: Optional[SuiteSettings] = None,

@@ -19,6 +19,7 @@ from lm_eval.tasks.ruler import cwe_utils, vt_utils  # noqa: E402
 
 import minicpm_jax as mc  # noqa: E402
 from minicpm_jax.evals import haystack, ruler_sizing  # noqa: E402
+from minicpm_jax.evals.compare import comparison_report, format_comparison  # noqa: E402
 from minicpm_jax.evals.harness import MiniCPMLM  # noqa: E402
 from minicpm_jax.evals.suite import SuiteSettings, run_tasks  # noqa: E402
 from tests.evals.conftest import random_params, tiny_cfg  # noqa: E402
@@ -146,9 +147,18 @@ def test_ruler_on_a_gguf_uses_the_checkpoints_tokenizer(tiny, tiny_gguf, tmp_pat
     gguf = GGUFLM(pretrained=str(tiny_gguf.f32), n_threads=1)
     with pytest.raises(ValueError, match="niah_single_1: .*has none beside it.*--checkpoint"):
         run_tasks(gguf, ["niah_single_1"], SuiteSettings(lengths=(1024,), limit=2), log=lambda m: None)
-    docs = {}
+    docs, reports = {}, {}
     for label, lm in (("jax", MiniCPMLM(pretrained=str(tiny.hf_dir), batch_size=2)), ("gguf", gguf)):
-        run_tasks(lm, ["niah_single_1"], SuiteSettings(lengths=(1024,), limit=2, out_dir=tmp_path / label,
-                                                       ruler_tokenizer=str(tiny.hf_dir)), log=lambda m: None)
+        reports[label] = run_tasks(lm, ["niah_single_1"], SuiteSettings(
+            lengths=(1024, 2048), limit=2, out_dir=tmp_path / label, ruler_tokenizer=str(tiny.hf_dir)),
+            log=lambda m: None)
         docs[label] = [s["doc"] for s in _read(tmp_path / label / "niah_single_1@1024.samples.jsonl")]
     assert len(docs["jax"]) == 2 and docs["jax"] == docs["gguf"]
+    comp = comparison_report(reports)
+    assert comp["mismatched_items"] == []
+    table = format_comparison(comp)
+    assert "| niah_single_1 @ 1024 | score |" in table and "| niah_single_1 @ 2048 | skipped |" in table, table
+
+    # a model asked other items is flagged
+    reports["gguf"]["tasks"]["niah_single_1"]["items_sha256"] = "0" * 64
+    assert comparison_report(reports)["mismatched_items"] == ["niah_single_1"]
