@@ -12,7 +12,9 @@ from minicpm_jax.evals import haystack, needle_score, suite
 from minicpm_jax.evals.needles import TEMPLATES, NeedleSpec, build_items, read_jsonl, write_jsonl
 
 SPECS = [NeedleSpec(lang="en", lengths=(256, 1024, 3000), depths=(0.0, 0.3, 0.5, 1.0), samples=2),
-         NeedleSpec(lang="zh", lengths=(512, 2048), depths=(0.0, 0.25, 0.75, 1.0), samples=2, distractors=3, seed=5)]
+         NeedleSpec(lang="zh", lengths=(512, 2048), depths=(0.0, 0.25, 0.75, 1.0), samples=2, distractors=3, seed=5),
+         # the 8B shape's whole window, 128K tokens: 2,305 of the 2,615 held-out English sentences here
+         NeedleSpec(lang="en", lengths=(131072,), depths=(0.4,), samples=1, seed=7)]
 
 
 @pytest.fixture(scope="module", params=SPECS, ids=lambda s: s.name)
