@@ -7,7 +7,7 @@ reference the differences are taken against.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def unique_labels(names: Sequence[str]) -> list[str]:
@@ -32,15 +32,16 @@ def comparison_report(reports: dict[str, dict]) -> dict:
     return {"reference": labels[0], "models": reports, "mismatched_items": mismatched}
 
 
-def _rows(report: dict) -> dict[str, tuple[str, float]]:
+def _rows(report: dict) -> dict[str, tuple[str, Optional[float]]]:
     """{row name: (metric, value)}: one row per task, one more per needle length / RULER length."""
     rows = {}
     for name, r in report["tasks"].items():
         rows[name] = (r["metric"], r["value"])
-        for length, acc in r.get("by_length", {}).items():
-            rows[f"{name} @ {length}"] = ("accuracy" if "grid" in r else "score", acc)
-        for length in r.get("skipped", {}):         # a RULER length not run (the reason is in the report)
-            rows[f"{name} @ {length}"] = ("skipped", None)
+        for length in sorted({**r.get("by_length", {}), **r.get("skipped", {})}):
+            if length in r.get("skipped", {}):      # a RULER length not run (the reason is in the report)
+                rows[f"{name} @ {length}"] = ("skipped", None)
+            else:
+                rows[f"{name} @ {length}"] = ("accuracy" if "grid" in r else "score", r["by_length"][length])
     return rows
 
 

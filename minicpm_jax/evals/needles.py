@@ -288,11 +288,12 @@ def build_items(tokenizer: Tokenizer, spec: NeedleSpec) -> list[dict]:
 
 
 def write_jsonl(items: Iterable[dict], path: str | Path) -> Path:
+    """One JSON object per line; a value JSON cannot hold (an lm-eval document's, say) is written as its str."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for it in items:
-            f.write(json.dumps(it, ensure_ascii=False) + "\n")
+            f.write(json.dumps(it, ensure_ascii=False, default=str) + "\n")
     return path
 
 

@@ -127,22 +127,47 @@ def _ruler_tokenizer(lm, name: str, s: SuiteSettings) -> str:
     return found
 
 
-def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int], samples_file: Optional[str] = None) -> dict:
-    """One `lm_eval.simple_evaluate` of task `name`; with `s.out_dir` its per-item documents, predictions and
-    metrics go to `out_dir / samples_file` (default `<name>.samples.jsonl`) as JSONL."""
+@dataclasses.dataclass(frozen=True)
+class _RulerPlan:
+    """A RULER task's run, decided before any task runs: the tokenizer that sizes its items, the lengths to run,
+    and the lengths skipped with the reason."""
+
+    tokenizer: str
+    lengths: tuple[int, ...]
+    skipped: dict
+
+
+def _ruler_plan(lm, name: str, s: SuiteSettings) -> _RulerPlan:
+    tok = _ruler_tokenizer(lm, name, s)
+    skipped = {n: f"exceeds the model's {lm.max_length} positions" for n in s.lengths if n > lm.max_length}
+    # lm-eval's own generators hang or build unanswerable items where their first size step does not fit
+    skipped.update({n: why for n in s.lengths if n not in skipped and (why := ruler_sizing.problem(name, tok, n))})
+    lengths = tuple(n for n in s.lengths if n not in skipped)
+    if not lengths:
+        raise ValueError(f"{name}: none of the lengths {list(s.lengths)} can be run: "
+                         + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
+    return _RulerPlan(tok, lengths, dict(sorted(skipped.items())))
+
+
+def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: Sequence[int], tokenizer: Optional[str] = None,
+                  samples_file: Optional[str] = None) -> dict:
+    """One `lm_eval.simple_evaluate` of task `name` (a RULER task's items sized with `tokenizer`); with `s.out_dir`
+    its per-item documents, predictions and metrics go to `out_dir / samples_file` (default
+    `<name>.samples.jsonl`) as JSONL."""
     import lm_eval
 
     from minicpm_jax.evals import TASKS_DIR, task_manager
 
     ours = (TASKS_DIR / f"{name}.yaml").is_file()
-    meta = {"pretrained": lm.source, "max_seq_lengths": lengths, "depths": list(s.depths),
+    meta = {"pretrained": lm.source, "max_seq_lengths": list(lengths), "depths": list(s.depths),
             "niah_samples": s.samples, "seed": s.seed}
-    if name in RULER_TASKS:
-        meta["tokenizer"] = _ruler_tokenizer(lm, name, s)
-    elif tokenizer_dir(lm) is not None:     # ours: the model's own (a GGUF's is its file's vocabulary)
-        meta["tokenizer"] = tokenizer_dir(lm)
+    own = tokenizer_dir(lm)         # ours size with the model's own (a GGUF's is its file's vocabulary)
+    if tokenizer or own:
+        meta["tokenizer"] = tokenizer or own
     if s.limit:
         meta["cloze_samples"] = s.limit
+    if name in RULER_TASKS:
+        ruler_sizing.reseed_generators()
     r = lm_eval.simple_evaluate(model=lm, tasks=[name], limit=s.limit, bootstrap_iters=0, log_samples=True,
                                 task_manager=task_manager(meta, include_defaults=not ours))
     if r is None or name not in r["results"]:
@@ -150,8 +175,8 @@ def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int], samples_f
     docs = [x["doc_hash"] for x in sorted(r["samples"][name], key=lambda x: x["doc_id"])]
     if s.out_dir is not None:
         # arguments and responses: one per request ((context, generation kwargs) -> text, or (context,
-        # continuation) -> (loglikelihood, is_greedy) per choice)
-        needles.write_jsonl(({"doc_id": x["doc_id"], "doc": x["doc"], "target": x["target"],
+        # continuation) -> (loglikelihood, is_greedy) per choice); a document once per filter
+        needles.write_jsonl(({"doc_id": x["doc_id"], "filter": x["filter"], "doc": x["doc"], "target": x["target"],
                               "arguments": x["arguments"], "responses": x["filtered_resps"],
                               **{m: x[m] for m in x.get("metrics", ()) if m in x}}
                              for x in r["samples"][name]),
@@ -162,31 +187,25 @@ def _lm_eval_once(lm, name: str, s: SuiteSettings, lengths: list[int], samples_f
             "items_sha256": hashlib.sha256(json.dumps(docs).encode()).hexdigest()}
 
 
-def _lm_eval(lm, name: str, s: SuiteSettings, log) -> dict:
-    lengths = [n for n in s.lengths if n <= lm.max_length]
-    if name in RULER_TASKS:      # one run per length: RULER aggregates undeclared (short) lengths over all items
-        skipped = {n: f"exceeds the model's {lm.max_length} positions" for n in s.lengths if n > lm.max_length}
-        # lm-eval's own generators hang or build unanswerable items where their first size step does not fit
-        tok = _ruler_tokenizer(lm, name, s)
-        skipped.update({n: why for n in lengths if (why := ruler_sizing.problem(name, tok, n))})
-        for n, why in skipped.items():
-            log(f"eval: {name} @ {n}: skipped: {why}")
-        lengths = [n for n in lengths if n not in skipped]
-        if not lengths:
-            raise ValueError(f"{name}: none of the lengths {list(s.lengths)} can be run: "
-                             + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
-        by_length, n, metrics, shas = {}, 0, {}, []
-        for length in lengths:
-            one = _lm_eval_once(lm, name, s, [length], samples_file=f"{name}@{length}.samples.jsonl")
-            shas.append(one["items_sha256"])
-            by_length[length] = one["metrics"][str(length)]
-            n += one["n"] or 0
-            metrics[str(length)] = by_length[length]
-            log(f"eval: {name} @ {length}: {by_length[length]:.4f}")
-        return {"kind": "lm_eval", "metric": "mean over lengths", "value": sum(by_length.values()) / len(by_length),
-                "n": n, "metrics": metrics, "by_length": by_length, "skipped": skipped,
-                "items_sha256": hashlib.sha256("".join(shas).encode()).hexdigest()}
-    one = _lm_eval_once(lm, name, s, lengths)
+def _ruler(lm, name: str, s: SuiteSettings, plan: _RulerPlan, log) -> dict:
+    """One lm-eval run per length: RULER aggregates undeclared (short) lengths over all items."""
+    for n, why in plan.skipped.items():
+        log(f"eval: {name} @ {n}: skipped: {why}")
+    by_length, n, metrics, shas = {}, 0, {}, []
+    for length in plan.lengths:
+        one = _lm_eval_once(lm, name, s, [length], plan.tokenizer, samples_file=f"{name}@{length}.samples.jsonl")
+        shas.append(one["items_sha256"])
+        by_length[length] = one["metrics"][str(length)]
+        n += one["n"] or 0
+        metrics[str(length)] = by_length[length]
+        log(f"eval: {name} @ {length}: {by_length[length]:.4f}")
+    return {"kind": "lm_eval", "metric": "mean over lengths", "value": sum(by_length.values()) / len(by_length),
+            "n": n, "metrics": metrics, "by_length": by_length, "skipped": plan.skipped,
+            "items_sha256": hashlib.sha256("".join(shas).encode()).hexdigest()}
+
+
+def _lm_eval(lm, name: str, s: SuiteSettings) -> dict:
+    one = _lm_eval_once(lm, name, s, [n for n in s.lengths if n <= lm.max_length])
     metrics = one["metrics"]
     main = "acc" if "acc" in metrics else next(iter(metrics), None)
     return {"kind": "lm_eval", "metric": main, "value": metrics.get(main, math.nan), "n": one["n"],
@@ -195,8 +214,12 @@ def _lm_eval(lm, name: str, s: SuiteSettings, log) -> dict:
 
 def run_tasks(lm, tasks: Sequence[str], settings: Optional[SuiteSettings] = None,
               log: Callable[[str], None] = print) -> dict:
-    """{"model": lm.get_model_info(), "tasks": {name: {"kind", "metric", "value", "n", "seconds", ...}}}."""
+    """{"model": lm.get_model_info(), "tasks": {name: {"kind", "metric", "value", "n", "seconds", ...}}}.
+
+    The RULER tasks' lengths are planned first (tokenizer only): a task that cannot run fails before any task
+    has spent its time."""
     s = settings or SuiteSettings()
+    plans = {name: _ruler_plan(lm, name, s) for name in tasks if name in RULER_TASKS}
     report = {"model": lm.get_model_info(), "settings": {k: (str(v) if isinstance(v, Path) else v)
                                                          for k, v in dataclasses.asdict(s).items()}, "tasks": {}}
     for name in tasks:
@@ -206,8 +229,10 @@ def run_tasks(lm, tasks: Sequence[str], settings: Optional[SuiteSettings] = None
             r = _needles(lm, name, s, log)
         elif name == "humaneval":
             r = _humaneval(lm, s, log)
+        elif name in plans:
+            r = _ruler(lm, name, s, plans[name], log)
         else:
-            r = _lm_eval(lm, name, s, log)
+            r = _lm_eval(lm, name, s)
         r["seconds"] = round(time.time() - t0, 2)
         report["tasks"][name] = r
         log(f"eval: {name}: {r['metric']} = {r['value']:.4f} ({r['seconds']:.1f} s)")
@@ -220,7 +245,11 @@ def format_table(report: dict) -> str:
     for name, r in report["tasks"].items():
         n = "" if r.get("n") is None else int(r["n"])
         lines.append(f"| {name} | {r['metric']} | {r['value']:.4f} | {n} | {r.get('seconds', 0):.1f} |")
-        for length, acc in r.get("by_length", {}).items():
+        for length in sorted({**r.get("by_length", {}), **r.get("skipped", {})}):
+            if length in r.get("skipped", {}):
+                lines.append(f"| {name} @ {length} | skipped: {r['skipped'][length]} | | | |")
+                continue
+            acc = r["by_length"][length]
             if "grid" in r:
                 depths = " ".join(f"{acc_d:.2f}" for acc_d in r["grid"][length].values())
                 d = r.get("digits_by_length", {}).get(length)
@@ -229,8 +258,6 @@ def format_table(report: dict) -> str:
                 lines.append(f"| {name} @ {length} | accuracy (by depth: {depths}{digits}) | {acc:.4f} | | |")
             else:
                 lines.append(f"| {name} @ {length} | score | {acc:.4f} | | |")
-        for length, why in r.get("skipped", {}).items():
-            lines.append(f"| {name} @ {length} | skipped: {why} | | | |")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ are refused beforehand with the reason, leaving lm-eval's random draws as they w
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 
@@ -15,7 +16,7 @@ pytest.importorskip("transformers", reason="lm-eval's RULER tasks size their con
 pytest.importorskip("wonderwords", reason="lm-eval's RULER tasks draw their keys with wonderwords")
 
 from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.tasks.ruler import cwe_utils, vt_utils  # noqa: E402
+from lm_eval.tasks.ruler import vt_utils  # noqa: E402
 
 import minicpm_jax as mc  # noqa: E402
 from minicpm_jax.evals import haystack, ruler_sizing  # noqa: E402
@@ -97,6 +98,10 @@ def test_ruler_vt_cwe_fwe_through_the_suite(wide_vocab, tmp_path):
     assert report["tasks"]["ruler_fwe"]["skipped"] == {}
     assert any("ruler_vt @ 1024: skipped" in m for m in logs)
 
+    # lm-eval never reseeds cwe's module RNG: a second build in this process asks the same items all the same
+    again = run_tasks(lm, ["ruler_cwe"], SuiteSettings(lengths=(2048,), limit=2), log=lambda m: None)
+    assert again["tasks"]["ruler_cwe"]["items_sha256"] == report["tasks"]["ruler_cwe"]["items_sha256"]
+
 
 def test_sizing_refuses_what_lm_eval_cannot_build(tiny, wide_vocab):
     """The check against lm-eval's own generators: where it refuses cwe, lm-eval builds items with no answer;
@@ -110,6 +115,8 @@ def test_sizing_refuses_what_lm_eval_cannot_build(tiny, wide_vocab):
     assert ruler_sizing.problem("ruler_fwe", small, 1024) is None          # needs no check
     assert ruler_sizing.problem("niah_single_1", small, 1024) is None
 
+    cwe_utils = _cwe_utils()
+
     def cwe_answers(length):
         return [len(d["outputs"]) for d in cwe_utils.get_cw_dataset(tokenizer=small, max_seq_lengths=[length])["test"]]
 
@@ -120,8 +127,24 @@ def test_sizing_refuses_what_lm_eval_cannot_build(tiny, wide_vocab):
     assert len(built) == 500 and all(len(d["outputs"]) == 5 for d in built)
 
 
+def _cwe_utils():
+    """The module lm-eval's task loader builds cwe items with (it re-executes task modules into sys.modules)."""
+    return importlib.import_module("lm_eval.tasks.ruler.cwe_utils")
+
+
 def test_sizing_leaves_lm_eval_draws_alone(tiny):
     small = str(tiny.hf_dir)
+    cwe_utils = _cwe_utils()
+
+    def states():
+        return random.getstate(), np.random.get_state(), cwe_utils.RNG.getstate()
+
+    for task, length in (("ruler_vt", 2048), ("ruler_cwe", 1024), ("ruler_cwe", 2048)):   # refused and accepted
+        before = states()
+        ruler_sizing.problem(task, small, length)
+        after = states()
+        assert before[0] == after[0] and before[2] == after[2], task
+        assert all(np.array_equal(a, b) for a, b in zip(before[1], after[1])), task
 
     def build():
         random.seed(7)
@@ -145,8 +168,10 @@ def test_ruler_on_a_gguf_uses_the_checkpoints_tokenizer(tiny, tiny_gguf, tmp_pat
     from minicpm_jax.evals.gguf_harness import GGUFLM
 
     gguf = GGUFLM(pretrained=str(tiny_gguf.f32), n_threads=1)
+    logs = []
     with pytest.raises(ValueError, match="niah_single_1: .*has none beside it.*--checkpoint"):
-        run_tasks(gguf, ["niah_single_1"], SuiteSettings(lengths=(1024,), limit=2), log=lambda m: None)
+        run_tasks(gguf, ["niah_en", "niah_single_1"], SuiteSettings(lengths=(1024,), limit=2), log=logs.append)
+    assert logs == []           # refused before the first task spent its time
     docs, reports = {}, {}
     for label, lm in (("jax", MiniCPMLM(pretrained=str(tiny.hf_dir), batch_size=2)), ("gguf", gguf)):
         reports[label] = run_tasks(lm, ["niah_single_1"], SuiteSettings(
