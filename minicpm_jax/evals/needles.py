@@ -130,6 +130,12 @@ class NeedleSpec:
                 + (f"_d{self.distractors}" if self.distractors else ""))
 
 
+# The needle tasks by name (`minicpm eval --tasks`; lm-eval's `minicpm_<name>`): what each sets in its NeedleSpec.
+# multivalue / multiquery ask for 4 numbers, as RULER's niah_multivalue / niah_multiquery do.
+TASKS = {f"niah_{lang}{suffix}": dict(lang=lang, **fields) for lang in ("en", "zh") for suffix, fields in (
+    ("", {}), ("_multikey", {"distractors": 3}), ("_multivalue", {"values": 4}), ("_multiquery", {"queries": 4}))}
+
+
 class _Haystack:
     """The language's sentences with their token counts under one tokenizer (counted once)."""
 

@@ -10,9 +10,9 @@ Task names:
                                       lm-eval's own that needs no download (their index is loaded only then), e.g.
                                       RULER's offline six: niah_single_1, niah_multikey_2, niah_multikey_3,
                                       ruler_vt, ruler_cwe, ruler_fwe (the rest read downloaded essays). A RULER
-                                      length lm-eval cannot build with the run's tokenizer is skipped with the
-                                      reason (`ruler_sizing.py`: there its generators hang or build items with no
-                                      answer), as is one past the model's positions.
+                                      length lm-eval may not build with the run's tokenizer is skipped with the
+                                      reason (`ruler_sizing.py`: there its generators can hang or build items with
+                                      no answer), as is one past the model's positions.
 
 The needle tasks run here rather than through lm-eval so the report keeps the per-depth grid and the items can be
 written as JSONL beside the predictions; they use the same generation (`MiniCPMLM.generate_until`).
@@ -32,11 +32,6 @@ from typing import Callable, Optional, Sequence
 from minicpm_jax.evals import needle_score, needles, ruler_sizing
 from minicpm_jax.evals.needles import NeedleSpec
 
-# task -> (lang, distractors, values, queries) of its NeedleSpec; multivalue / multiquery are RULER's (4 each)
-NEEDLE_TASKS = {"niah_en": ("en", 0, 1, 1), "niah_zh": ("zh", 0, 1, 1), "niah_en_multikey": ("en", 3, 1, 1),
-                "niah_zh_multikey": ("zh", 3, 1, 1), "niah_en_multivalue": ("en", 0, 4, 1),
-                "niah_zh_multivalue": ("zh", 0, 4, 1), "niah_en_multiquery": ("en", 0, 1, 4),
-                "niah_zh_multiquery": ("zh", 0, 1, 4)}
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 
 
@@ -59,15 +54,13 @@ class SuiteSettings:
 
 
 def _needles(lm, name: str, s: SuiteSettings, log: Callable[[str], None]) -> dict:
-    lang, distractors, values, queries = NEEDLE_TASKS[name]
     lengths = tuple(n for n in s.lengths if n <= lm.max_length)
     if len(lengths) < len(s.lengths):
         log(f"{name}: lengths {[n for n in s.lengths if n > lm.max_length]} exceed the model's {lm.max_length} "
             "positions; skipped")
     if not lengths:
         raise ValueError(f"{name}: no length fits the model's {lm.max_length} positions (asked {list(s.lengths)})")
-    spec = NeedleSpec(lang=lang, lengths=lengths, depths=tuple(s.depths), samples=s.samples,
-                      distractors=distractors, values=values, queries=queries, seed=s.seed)
+    spec = NeedleSpec(**needles.TASKS[name], lengths=lengths, depths=tuple(s.depths), samples=s.samples, seed=s.seed)
     items = needles.build_items(lm.tokenizer, spec)
     from lm_eval.api.instance import Instance
 
@@ -225,7 +218,7 @@ def run_tasks(lm, tasks: Sequence[str], settings: Optional[SuiteSettings] = None
     for name in tasks:
         t0 = time.time()
         log(f"eval: {name} ...")
-        if name in NEEDLE_TASKS:
+        if name in needles.TASKS:
             r = _needles(lm, name, s, log)
         elif name == "humaneval":
             r = _humaneval(lm, s, log)

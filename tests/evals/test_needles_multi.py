@@ -190,11 +190,12 @@ def test_spec_errors():
 def test_each_suite_needle_task_has_its_lm_eval_task_with_the_same_answer_budget():
     """minicpm_niah_<x>.yaml for each suite task niah_<x>, building the same spec with max_gen_toks = its budget."""
     yamls = {p.stem.removeprefix("minicpm_"): p.read_text() for p in TASKS_DIR.glob("minicpm_niah_*.yaml")}
-    assert set(yamls) == set(suite.NEEDLE_TASKS)
-    for name, (lang, distractors, values, queries) in suite.NEEDLE_TASKS.items():
+    assert set(yamls) == set(needles.TASKS)
+    for name, fields in needles.TASKS.items():
         y = yamls[name]
         assert f"task: minicpm_{name}\n" in y and f"custom_dataset: !function niah_utils.{name}\n" in y
-        budget = NeedleSpec(lang=lang, distractors=distractors, values=values, queries=queries).answer_budget
+        assert callable(getattr(niah_utils, name))
+        budget = NeedleSpec(**fields).answer_budget
         assert re.search(r"max_gen_toks: (\d+)", y).group(1) == str(budget), name
 
 

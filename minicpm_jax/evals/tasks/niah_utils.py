@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from minicpm_jax.evals.needle_score import item_score
-from minicpm_jax.evals.needles import NeedleSpec, build_items
+from minicpm_jax.evals.needles import TASKS, NeedleSpec, build_items
 
 log = logging.getLogger(__name__)
 
@@ -71,47 +71,46 @@ def _lengths(kwargs) -> tuple[int, ...]:
     return lengths
 
 
-def _dataset(lang: str, distractors: int, kwargs, values: int = 1, queries: int = 1) -> dict:
+def _dataset(task: str, kwargs) -> dict:
     import datasets
 
     # the YAML's max_gen_toks is the spec's answer_budget (24, or 64 with several numbers asked; tested)
-    spec = NeedleSpec(lang=lang, lengths=_lengths(kwargs), depths=tuple(kwargs.get("depths") or NeedleSpec.depths),
-                      samples=int(kwargs.get("niah_samples") or 4), distractors=distractors,
-                      seed=int(kwargs.get("seed") or 0), values=values, queries=queries)
+    spec = NeedleSpec(**TASKS[task], lengths=_lengths(kwargs), depths=tuple(kwargs.get("depths") or NeedleSpec.depths),
+                      samples=int(kwargs.get("niah_samples") or 4), seed=int(kwargs.get("seed") or 0))
     items = build_items(_tokenizer(kwargs), spec)
     return {"test": datasets.Dataset.from_list(items)}
 
 
 def niah_en(**kwargs):
-    return _dataset("en", 0, kwargs)
+    return _dataset("niah_en", kwargs)
 
 
 def niah_zh(**kwargs):
-    return _dataset("zh", 0, kwargs)
+    return _dataset("niah_zh", kwargs)
 
 
 def niah_en_multikey(**kwargs):
-    return _dataset("en", 3, kwargs)
+    return _dataset("niah_en_multikey", kwargs)
 
 
 def niah_zh_multikey(**kwargs):
-    return _dataset("zh", 3, kwargs)
+    return _dataset("niah_zh_multikey", kwargs)
 
 
 def niah_en_multivalue(**kwargs):
-    return _dataset("en", 0, kwargs, values=4)
+    return _dataset("niah_en_multivalue", kwargs)
 
 
 def niah_zh_multivalue(**kwargs):
-    return _dataset("zh", 0, kwargs, values=4)
+    return _dataset("niah_zh_multivalue", kwargs)
 
 
 def niah_en_multiquery(**kwargs):
-    return _dataset("en", 0, kwargs, queries=4)
+    return _dataset("niah_en_multiquery", kwargs)
 
 
 def niah_zh_multiquery(**kwargs):
-    return _dataset("zh", 0, kwargs, queries=4)
+    return _dataset("niah_zh_multiquery", kwargs)
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
